@@ -1,0 +1,175 @@
+"""The ``catena-mito`` command line: parse flags, load the config, call one library function.
+
+No logic lives here, and nothing heavy is imported at module level, so ``catena-mito
+--help`` answers at once. Library errors (:class:`~catena_mito.errors.CatenaError`)
+become one line on stderr and a non-zero exit: 2 for usage and configuration errors,
+1 for runtime errors. ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from catena_mito import __version__
+
+_DEBUG = False
+
+
+def _config_options(func: Callable) -> Callable:
+    func = click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help="Override a config field (YAML value; dotted keys for nested fields). Repeatable.",
+    )(func)
+    return click.option(
+        "--config", "-c", "config_path", required=True, metavar="URL",
+        help="YAML config (a local path or any fsspec URL, e.g. s3://bucket/job.yaml).",
+    )(func)
+
+
+def _shard_options(func: Callable) -> Callable:
+    func = click.option(
+        "--num-shards", type=int, default=None,
+        help="Number of shards (default: $CATENA_NUM_SHARDS, else $SLURM_ARRAY_TASK_COUNT, else 1).",
+    )(func)
+    func = click.option(
+        "--shard-index", type=int, default=None,
+        help="This process's shard (default: $JOB_COMPLETION_INDEX, else $SLURM_ARRAY_TASK_ID, else 0).",
+    )(func)
+    return click.option(
+        "--overwrite", is_flag=True,
+        help="Recompute blocks already marked done and replace an incompatible output.",
+    )(func)
+
+
+def _load(cls_name: str, config_path: str, overrides: tuple[str, ...]) -> Any:
+    from catena_mito import config
+
+    return config.load_config(getattr(config, cls_name), config_path, overrides)
+
+
+class _Group(click.Group):
+    """Lists commands in the order they were added (the order a user meets them)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="catena-mito")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
+def cli(debug: bool) -> None:
+    """Mitochondria segmentation for 3D EM volumes (FIB-SEM first).
+
+    Every command reads a YAML config in which each path is an fsspec URL (local path,
+    s3://, memory://). Axis order is (z, y, x); resolutions are in nm.
+    """
+    global _DEBUG
+    _DEBUG = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("botocore", "s3fs", "aiobotocore", "fsspec", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@cli.command()
+@click.argument("out", metavar="OUT_URL")
+@click.option("--shape", nargs=3, type=int, default=(128, 128, 128), show_default=True, help="Volume shape Z Y X (voxels).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed: the same seed gives the same volume.")
+@click.option("--resolution", nargs=3, type=float, default=(8.0, 8.0, 8.0), show_default=True, help="Voxel size Z Y X (nm).")
+@click.option("--chunks", nargs=3, type=int, default=(64, 64, 64), show_default=True, help="Zarr chunk shape Z Y X.")
+def synth(out: str, shape: tuple[int, int, int], seed: int, resolution: tuple[float, float, float], chunks: tuple[int, int, int]) -> None:
+    """Write a synthetic FIB-SEM-like dataset with known mitochondria to OUT_URL (a Zarr group)."""
+    from catena_mito.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(out, shape=shape, seed=seed, resolution=resolution, chunks=chunks, progress=True)
+    click.echo(f"wrote {out} (volumes/raw, volumes/labels/mito_ids, volumes/labels/neuron_ids)")
+
+
+@cli.command()
+@_config_options
+def train(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Train a semantic mitochondria model (MONAI U-Net or RS-UNet).
+
+    Multi-GPU: torchrun --nproc_per_node=K -m catena_mito train --config CFG.
+    """
+    from catena_mito.train import train as run
+
+    run(_load("TrainConfig", config_path, overrides))
+
+
+@cli.command()
+@_config_options
+@_shard_options
+def predict(config_path: str, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None, overwrite: bool) -> None:
+    """Sliding-window inference, block by block, writing a probability volume."""
+    from catena_mito.predict import predict as run
+    from catena_mito.sharding import resolve_shard
+
+    config = _load("PredictConfig", config_path, overrides)
+    index, count = resolve_shard(shard_index, num_shards)
+    run(config, shard_index=index, num_shards=count, overwrite=overwrite)
+
+
+@cli.command()
+@_config_options
+@_shard_options
+@click.option(
+    "--phase", type=click.Choice(["all", "blocks", "merge", "relabel"]), default="all", show_default=True,
+    help="Run one phase (blocks and relabel are sharded; merge is one process) or all of them.",
+)
+@click.option(
+    "--wait-timeout", type=float, default=0.0, show_default=True, metavar="SECONDS",
+    help="merge/relabel: wait up to this long for the previous phase to complete (for Jobs started together).",
+)
+def label(config_path: str, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None, overwrite: bool, phase: str, wait_timeout: float) -> None:
+    """Threshold, connected components and small-instance removal, stitched into global ids."""
+    from catena_mito.label import label as run
+    from catena_mito.sharding import resolve_shard
+
+    config = _load("LabelConfig", config_path, overrides)
+    index, count = resolve_shard(shard_index, num_shards)
+    run(config, phase=phase, shard_index=index, num_shards=count, overwrite=overwrite, wait_timeout=wait_timeout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning library errors into one line and an exit code."""
+    from catena_mito.errors import CatenaError
+
+    try:
+        cli.main(args=argv, prog_name="catena-mito", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("catena-mito: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except CatenaError as e:
+        if _DEBUG:
+            raise
+        click.echo(f"catena-mito: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("catena-mito: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        if _DEBUG:
+            raise
+        click.echo(
+            f"catena-mito: unexpected error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+            err=True,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

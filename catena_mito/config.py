@@ -1,0 +1,340 @@
+"""One strict, typed configuration per job, loaded from YAML.
+
+Field names follow the Catena design. Unknown keys are errors (with a "did you mean"),
+values are validated, ``--set key=value`` overrides any field (values parsed as YAML,
+dotted keys reach into ``model_params`` and ``storage_options``), and the resolved config
+is saved beside every output with secrets redacted.
+
+Axis order is always (z, y, x); resolutions are in nanometres; shapes are in voxels.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from catena_mito import storage
+from catena_mito.errors import ConfigError, StorageError
+
+PositiveTriple = tuple[
+    Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]
+]
+NonNegativeTriple = tuple[
+    Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]
+]
+ResolutionTriple = tuple[
+    Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]
+]
+
+LabelType = Literal["mito", "neuron"]
+OutputFormat = Literal["zarr", "tiff"]
+ModelType = Literal["monai_unet", "rs_unet"]
+Device = Literal["auto", "cpu", "cuda"]
+
+REDACTED = "***REDACTED***"
+_SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "auth")
+
+
+def _broadcast_triple(value: Any) -> Any:
+    """Let a scalar stand for the same value on all three axes (``patch_size: 64``)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (value, value, value)
+    return value
+
+
+class JobConfig(BaseModel):
+    """Fields shared by every job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_default=True)
+
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Beyond the design. fsspec options for every URL of the job (e.g. S3 "
+        "`key`, `secret`, `endpoint_url`). Prefer the AWS environment variables; secrets "
+        "given here are redacted from saved configs and logs.",
+    )
+
+    def redacted_dict(self) -> dict[str, Any]:
+        """The config as plain data with secrets in ``storage_options`` and URLs hidden."""
+        return redact(self.model_dump(mode="json"))
+
+
+def _is_secret_key(key: str) -> bool:
+    k = key.lower()
+    return any(word in k for word in _SECRET_WORDS) and not k.endswith(("_url", "_path"))
+
+
+def redact(value: Any, parent_key: str = "") -> Any:
+    """Replace secret values (keys/tokens/passwords) and URL credentials, recursively."""
+    if isinstance(value, Mapping):
+        return {
+            k: (REDACTED if _is_secret_key(str(k)) and v not in (None, "") else redact(v, str(k)))
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [redact(v, parent_key) for v in value]
+    if isinstance(value, str):
+        return storage.redact_url(value)
+    return value
+
+
+class _PatchFields(BaseModel):
+    """Patch geometry and preprocessing shared by training and inference."""
+
+    @field_validator("patch_size", "stride", "original_res", "target_res", mode="before", check_fields=False)
+    @classmethod
+    def _triples(cls, v: Any) -> Any:
+        return _broadcast_triple(v)
+
+    @model_validator(mode="after")
+    def _stride_within_patch(self):
+        patch, stride = getattr(self, "patch_size", None), getattr(self, "stride", None)
+        if patch is not None and stride is not None and any(s > p for s, p in zip(stride, patch)):
+            raise ValueError(
+                f"stride {list(stride)} must be <= patch_size {list(patch)} in every axis "
+                "(a larger stride leaves voxels no window covers)"
+            )
+        return self
+
+
+class TrainConfig(JobConfig, _PatchFields):
+    """``catena-mito train``: patch-wise training of a semantic model."""
+
+    exp_name: str = Field("catena_mito", min_length=1, description="Run name: checkpoints and metrics go to `<runs_dir>/<exp_name>/`.")
+    train_zarr_dirs: list[str] = Field(..., min_length=1, description="Training datasets (Zarr group URLs in the dataset layout).")
+    test_zarr_dirs: list[str] = Field(default_factory=list, description="Validation datasets, evaluated by full-volume sliding window every `eval_interval` epochs.")
+    label_type: LabelType = Field("mito", description="Which labels to learn: `mito` (volumes/labels/mito_ids) or `neuron` (volumes/labels/neuron_ids).")
+    epochs: int = Field(100, gt=0, description="Number of training epochs.")
+    batch_size: int = Field(2, gt=0, description="Patches per optimisation step (per process under DDP).")
+    eval_interval: int = Field(10, gt=0, description="Evaluate on `test_zarr_dirs` every this many epochs (and after the last).")
+    ckpt_interval: int = Field(10, gt=0, description="Keep an extra checkpoint every this many epochs (`last.pth`/`best.pth` are always kept).")
+    patch_size: PositiveTriple = Field((64, 64, 64), description="Training patch shape (z, y, x), voxels at `target_res`.")
+    stride: PositiveTriple = Field((32, 32, 32), description="Step of the patch grid (z, y, x), voxels; <= patch_size. The grid also covers the far edges.")
+    original_res: ResolutionTriple | None = Field(None, description="Resolution of the data (nm, z, y, x); default: the `resolution` attribute of `volumes/raw`.")
+    target_res: ResolutionTriple | None = Field(None, description="Resolution to train at (nm); data is resampled from `original_res`. Default: no resampling.")
+    clahe: bool = Field(False, description="Contrast-limited adaptive histogram equalisation per z slice before normalisation (the same function predict uses).")
+    subsample_frac: float = Field(1.0, gt=0, le=1, description="Fraction of the patch grid to keep (random, by `subsample_seed`).")
+    subsample_number: int | None = Field(None, gt=0, description="Keep at most this many patches (after `subsample_frac`).")
+    subsample_seed: int = Field(0, description="Seed of the patch subsampling.")
+    balance_patches: bool = Field(False, description="Drop patches with fewer than `min_positive_pixels` foreground voxels.")
+    min_positive_pixels: int = Field(1, ge=0, description="Threshold for `balance_patches` (voxels).")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate (for the first 50 epochs when `hotstart` is on).")
+    learning_rate_after_hotstart_50: float = Field(1e-4, gt=0, description="With `hotstart`: the learning rate from epoch 50 on.")
+    hotstart: bool = Field(False, description="Use `learning_rate` for the first 50 epochs, then `learning_rate_after_hotstart_50`.")
+    loss_type: Literal["DiceLoss", "DiceCE"] = Field("DiceCE", description="MONAI `DiceLoss` or `DiceCELoss` (Dice + cross-entropy).")
+    loss_weights: list[Annotated[float, Field(ge=0)]] | None = Field(None, description="Per-class weights [background, foreground] for class imbalance.")
+    rotation_augs: bool = Field(True, description="Random in-plane 90-degree rotations and flips.")
+    contrast_augs: bool = Field(True, description="Random contrast/intensity augmentations (MONAI).")
+    model_loc: str | None = Field(None, description="Fine-tune from this checkpoint's weights (layers must match exactly).")
+    resume_checkpoint: str | None = Field(None, description="Continue a run exactly where it stopped (epoch, optimiser, RNG).")
+    freeze_encoder: bool = Field(False, description="Freeze the encoder parameters (for transfer learning with `model_loc`).")
+    model_type: ModelType = Field("monai_unet", description="Backbone: `monai_unet` (MONAI UNet) or `rs_unet` (residual symmetric U-Net).")
+    model_params: dict[str, Any] = Field(default_factory=dict, description="Beyond the design. Backbone hyper-parameters overriding the defaults (e.g. `channels`).")
+    runs_dir: str = Field("runs", description="Beyond the design. Where runs are written (any fsspec URL).")
+    device: Device = Field("auto", description="Beyond the design. `auto` picks CUDA when available.")
+    amp: bool = Field(True, description="Beyond the design. bf16 autocast on CUDA (no effect on CPU).")
+    num_workers: int = Field(0, ge=0, description="Data-loader worker processes.")
+    seed: int = Field(0, description="Beyond the design. Seed of weights, patch order and augmentations.")
+
+
+class PredictConfig(JobConfig, _PatchFields):
+    """``catena-mito predict``: block-wise sliding-window inference."""
+
+    model_path: str = Field(..., description="Checkpoint URL; the architecture is read from it.")
+    test_zarr_dirs: list[str] = Field(..., min_length=1, description="Datasets to predict (Zarr group URLs with `volumes/raw`).")
+    label_type: LabelType = Field("mito", description="Names the default output `volumes/predictions/<label_type>`.")
+    patch_size: PositiveTriple | None = Field(None, description="Window shape (z, y, x), voxels; default: the training patch size.")
+    stride: PositiveTriple | None = Field(None, description="Window step (z, y, x); default: half the window.")
+    original_res: ResolutionTriple | None = Field(None, description="Input resolution (nm); default: the `resolution` attribute of `volumes/raw`.")
+    target_res: ResolutionTriple | None = Field(None, description="Resolution the model runs at (nm); default: the training `target_res`.")
+    clahe: bool | None = Field(None, description="CLAHE as in training; default: the training setting.")
+    batch_size: int = Field(2, gt=0, description="Windows per forward pass (on CPU >= 2 is much faster than 1).")
+    num_workers: int = Field(0, ge=0, description="Threads reading blocks ahead of the model.")
+    output_format: OutputFormat = Field("zarr", description="`zarr` (block-wise, shardable) or `tiff` (single-process gather).")
+    output_dir: str | None = Field(None, description="Output location; default: into each input store.")
+    output_filename: str | None = Field(None, description="Output name inside `output_dir`; default `volumes/predictions/<label_type>`.")
+    block_shape: PositiveTriple = Field((128, 128, 128), description="Beyond the design. Unit of sharding (z, y, x voxels); a multiple of `output_chunks`.")
+    output_chunks: PositiveTriple = Field((64, 64, 64), description="Beyond the design. Chunk shape of the output array.")
+    output_dtype: Literal["uint8", "float16", "float32"] = Field("uint8", description="Beyond the design. `uint8` stores probability*255.")
+    output_res: Literal["target", "original"] = Field("target", description="Beyond the design. `original` resamples the output back to the input grid.")
+    device: Device = Field("auto", description="Beyond the design. `auto` picks CUDA when available.")
+    tta: Literal["none", "flips"] = Field("none", description="Beyond the design. Test-time augmentation: average over in-plane flips.")
+    amp: bool = Field(True, description="Beyond the design. bf16 autocast on CUDA (no effect on CPU).")
+    model_type: ModelType | None = Field(None, description="Optional; must match the checkpoint when given.")
+
+    @model_validator(mode="after")
+    def _block_multiple_of_chunks(self):
+        from catena_mito.geometry import check_chunk_alignment
+
+        try:
+            check_chunk_alignment(self.block_shape, self.output_chunks)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    @field_validator("block_shape", "output_chunks", mode="before")
+    @classmethod
+    def _triples_block(cls, v: Any) -> Any:
+        return _broadcast_triple(v)
+
+
+class LabelConfig(JobConfig):
+    """``catena-mito label``: threshold, connected components, size filter, block-wise."""
+
+    input_prediction_path: str = Field(..., description="Probability volume: a Zarr array URL or a .tif/.tiff file.")
+    output_instance_dir: str = Field(..., description="Zarr group URL (or a folder, for TIFF) receiving the instances.")
+    output_filename: str = Field("mito_instances", min_length=1, description="Output array name inside `output_instance_dir`.")
+    output_format: OutputFormat = Field("zarr", description="`zarr` (block-wise, shardable) or `tiff` (single-process gather).")
+    chunk_size: PositiveTriple = Field((128, 128, 128), description="Block shape and output chunk shape (z, y, x voxels).")
+    overlap: NonNegativeTriple = Field((0, 0, 0), description="Accepted for compatibility; exact stitching needs no overlap, so it has no effect.")
+    thres_foreground: float = Field(0.5, ge=0, le=1, description="Foreground where probability > this (uint8 inputs are read as value/255).")
+    thres_small_instances: int = Field(100, ge=0, description="Objects smaller than this many voxels (global size) are removed.")
+    connectivity: Literal[6, 18, 26] = Field(26, description="Beyond the design. Voxel connectivity of the components.")
+    scale_factors: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = Field(
+        (1.0, 1.0, 1.0), description="Resample the output by these factors (z, y, x; nearest neighbour)."
+    )
+    remove_small_mode: Literal["background"] = Field("background", description="What removed objects become: `background` (0).")
+
+    @field_validator("chunk_size", "overlap", "scale_factors", mode="before")
+    @classmethod
+    def _triples(cls, v: Any) -> Any:
+        return _broadcast_triple(v)
+
+
+ConfigT = TypeVar("ConfigT", bound=JobConfig)
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` → ``(["a", "b"], yaml-parsed value)``."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r} as YAML") from e
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    data = dict(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a mapping")
+            else:
+                child = dict(child)
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _check_unknown_keys(cls: type[JobConfig], data: Mapping[str, Any], source: str) -> None:
+    known = list(cls.model_fields)
+    for key in data:
+        if key not in cls.model_fields:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"{source}: unknown key {key!r} for {cls.__name__}{hint}")
+
+
+def _format_validation_error(e: ValidationError, source: str) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc:  # a check across fields: its message names them
+            parts.append(msg)
+            continue
+        if err["type"] == "missing" and len(err["loc"]) > 1 and isinstance(err["loc"][-1], int):
+            loc, msg = str(err["loc"][0]), "expected 3 values (z, y, x)"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) or err["type"] == "missing" else f" (got {redact(value)!r})"
+        parts.append(f"field {loc!r}: {msg}{shown}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def config_from_dict(
+    cls: type[ConfigT], data: Mapping[str, Any], source: str = "config"
+) -> ConfigT:
+    """Validate ``data`` as ``cls``; every problem becomes one :class:`ConfigError` line."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
+    _check_unknown_keys(cls, data, source)
+    try:
+        return cls.model_validate(dict(data))
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def read_config_data(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML config (a local path or any fsspec URL) as a mapping."""
+    shown = storage.redact_url(url)
+    try:
+        text = storage.read_bytes(url, storage_options).decode("utf-8")
+    except StorageError as e:
+        raise ConfigError(f"config file: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {shown!r} is not UTF-8 text") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {shown!r}: YAML syntax error{where}: {problem}") from None
+    if data is None:
+        raise ConfigError(f"config file {shown!r} is empty; expected a mapping of keys to values")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {shown!r}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    cls: type[ConfigT],
+    path_or_url: str | None,
+    overrides: Sequence[str] = (),
+    storage_options: Mapping[str, Any] | None = None,
+) -> ConfigT:
+    """Load ``cls`` from a YAML file (any fsspec URL), then apply ``--set`` overrides."""
+    data = read_config_data(path_or_url, storage_options) if path_or_url else {}
+    data = apply_overrides(data, overrides)
+    source = storage.redact_url(path_or_url) if path_or_url else "config"
+    return config_from_dict(cls, data, source)
+
+
+def save_resolved_config(
+    config: JobConfig, url: str, storage_options: Mapping[str, Any] | None = None
+) -> None:
+    """Save the resolved config (YAML, secrets redacted) at ``url``."""
+    text = yaml.safe_dump(config.redacted_dict(), sort_keys=False)
+    header = f"# resolved {type(config).__name__} written by catena-mito\n"
+    storage.write_bytes(url, (header + text).encode(), storage_options)
+
+
+def field_docs(cls: type[JobConfig]) -> list[tuple[str, str, Any, str]]:
+    """``(name, type, default, description)`` of every field, for generated docs."""
+    rows = []
+    for name, info in cls.model_fields.items():
+        annotation = getattr(info.annotation, "__name__", None) or str(info.annotation)
+        default = "required" if info.is_required() else (
+            info.default_factory() if info.default_factory is not None else info.default
+        )
+        rows.append((name, annotation.replace("typing.", ""), default, info.description or ""))
+    return rows
