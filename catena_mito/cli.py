@@ -100,9 +100,10 @@ def train(config_path: str, overrides: tuple[str, ...]) -> None:
 
     Multi-GPU: torchrun --nproc_per_node=K -m catena_mito train --config CFG.
     """
+    config = _load("TrainConfig", config_path, overrides)
     from catena_mito.train import train as run
 
-    run(_load("TrainConfig", config_path, overrides))
+    run(config)
 
 
 @cli.command()
@@ -110,11 +111,12 @@ def train(config_path: str, overrides: tuple[str, ...]) -> None:
 @_shard_options
 def predict(config_path: str, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None, overwrite: bool) -> None:
     """Sliding-window inference, block by block, writing a probability volume."""
-    from catena_mito.predict import predict as run
     from catena_mito.sharding import resolve_shard
 
     config = _load("PredictConfig", config_path, overrides)
     index, count = resolve_shard(shard_index, num_shards)
+    from catena_mito.predict import predict as run
+
     run(config, shard_index=index, num_shards=count, overwrite=overwrite)
 
 
@@ -131,11 +133,12 @@ def predict(config_path: str, overrides: tuple[str, ...], shard_index: int | Non
 )
 def label(config_path: str, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None, overwrite: bool, phase: str, wait_timeout: float) -> None:
     """Threshold, connected components and small-instance removal, stitched into global ids."""
-    from catena_mito.label import label as run
     from catena_mito.sharding import resolve_shard
 
     config = _load("LabelConfig", config_path, overrides)
     index, count = resolve_shard(shard_index, num_shards)
+    from catena_mito.label import label as run
+
     run(config, phase=phase, shard_index=index, num_shards=count, overwrite=overwrite, wait_timeout=wait_timeout)
 
 
