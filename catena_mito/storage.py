@@ -19,7 +19,9 @@ import io
 import json
 import os
 import posixpath
+import random
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -242,6 +244,7 @@ def create_array(
         if not problems:
             if attrs:
                 existing.attrs.update(dict(attrs))
+                _maybe_write_ome(url, attrs, storage_options)
             return existing
         if not overwrite:
             raise StorageError(
@@ -261,12 +264,14 @@ def create_array(
             arr = root.create_array(
                 name=inner, shape=shape, dtype=dtype, chunks=chunks,
                 fill_value=fill_value, overwrite=True,
+                **_dimension_names(root.metadata.zarr_format, len(shape)),
             )
         else:
             store = _store(url, storage_options, read_only=False)
             arr = zarr.create_array(
                 store=store, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill_value,
                 overwrite=True, zarr_format=zarr_format or 3,
+                **_dimension_names(zarr_format or 3, len(shape)),
             )
     except StorageError:
         raise
@@ -274,6 +279,7 @@ def create_array(
         raise StorageError(f"cannot create {redact_url(url)!r}: {_describe(e)}") from e
     if attrs:
         arr.attrs.update(dict(attrs))
+        _maybe_write_ome(url, attrs, storage_options)
     return arr
 
 
@@ -296,6 +302,157 @@ def read_spatial(arr: zarr.Array) -> tuple[tuple[float, float, float] | None, tu
     off = attrs.get("offset") or (0.0, 0.0, 0.0)
     resolution = tuple(float(r) for r in res) if res is not None else None
     return resolution, tuple(float(o) for o in off)  # type: ignore[return-value]
+
+
+# --- OME-NGFF multiscale metadata ----------------------------------------------------------
+#
+# Design: the arrays stay at the fixed layout paths; the OME-NGFF ``multiscales`` metadata
+# that lets napari and neuroglancer open them (axes z, y, x of type space in nanometre,
+# scale = resolution, translation = offset) goes on a *host group* above each array, one
+# single-level multiscale entry per array, whose dataset path is the array's path relative
+# to the host. The host is the array's parent group, except for a parent named ``volumes``:
+# in the dataset layout that group holds ``labels/``, and OME-NGFF reserves a child group
+# named ``labels`` of an image group for label images (validators then read
+# ``volumes/labels`` as a labels collection and reject it). So ``volumes/raw`` is described
+# on the store root (dataset path ``volumes/raw``), and
+#
+#   <store root>          multiscales: [volumes/raw]
+#   volumes/labels        multiscales: [mito_ids, neuron_ids, mito_instances]
+#   volumes/predictions   multiscales: [mito]
+#
+# Zarr format 3 stores get OME-NGFF 0.5 (under the ``ome`` key; arrays carry
+# ``dimension_names`` z, y, x, which 0.5 requires); format 2 stores get 0.4 (top-level
+# ``multiscales``). Viewers open the first entry of a group's list, so ``napari x.zarr``
+# shows raw and ``napari x.zarr/volumes/labels`` the first label array written there.
+
+OME_AXES: tuple[str, str, str] = ("z", "y", "x")
+_OME_SKIP_PARENTS = ("volumes",)
+
+
+def _dimension_names(zarr_format: int, ndim: int) -> dict[str, Any]:
+    """``dimension_names`` for a new 3-D format-3 array (format 2 has none)."""
+    return {"dimension_names": OME_AXES} if zarr_format == 3 and ndim == 3 else {}
+
+
+def ome_host(array_url: str) -> tuple[str, str] | None:
+    """``(host_group_url, dataset_path)`` where the OME-NGFF entry of ``array_url`` lives.
+
+    None for an array that is a store of its own (no group above it to describe it).
+    """
+    root_url, inner = split_store_url(array_url)
+    parts = [p for p in inner.split("/") if p]
+    if not parts:
+        return None
+    host, path = parts[:-1], parts[-1:]
+    # Why: OME-NGFF reads a `labels` child of an image group as label images (see above).
+    while host and host[-1] in _OME_SKIP_PARENTS:
+        path.insert(0, host.pop())
+    return join_url(root_url, *host), "/".join(path)
+
+
+def ome_multiscale_entry(
+    dataset_path: str,
+    resolution: Sequence[float],
+    offset: Sequence[float] | None = None,
+    version: str = "0.5",
+) -> dict[str, Any]:
+    """One single-level OME-NGFF multiscale entry for a (z, y, x) array.
+
+    ``resolution`` (scale) and ``offset`` (translation) are in nanometres, (z, y, x).
+    """
+    entry: dict[str, Any] = {
+        "name": dataset_path,
+        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in OME_AXES],
+        "datasets": [
+            {
+                "path": dataset_path,
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [float(r) for r in resolution]},
+                    {"type": "translation", "translation": [float(o) for o in (offset or (0, 0, 0))]},
+                ],
+            }
+        ],
+    }
+    if version == "0.4":  # 0.4 keeps the version on each entry, 0.5 on the `ome` object
+        entry["version"] = "0.4"
+    return entry
+
+
+def _entry_path(entry: Any) -> str | None:
+    try:
+        return entry["datasets"][0]["path"]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def _merged_multiscales(attrs: Mapping[str, Any], entry: dict, zarr_format: int) -> dict | None:
+    """The attribute update that puts ``entry`` into ``attrs``; None when already there."""
+    if zarr_format == 3:
+        ome = dict(attrs.get("ome") or {})
+        current = list(ome.get("multiscales") or [])
+    else:
+        current = list(attrs.get("multiscales") or [])
+    path = _entry_path(entry)
+    # Replace in place (keeps the order, so a viewer's "first entry" stays the same).
+    merged = [entry if _entry_path(m) == path else m for m in current]
+    if not any(_entry_path(m) == path for m in current):
+        merged.append(entry)
+    if merged == current and (zarr_format != 3 or ome.get("version") == "0.5"):
+        return None
+    if zarr_format == 3:
+        return {"ome": {**ome, "version": "0.5", "multiscales": merged}}
+    return {"multiscales": merged}
+
+
+def write_ome_metadata(
+    array_url: str,
+    resolution: Sequence[float],
+    offset: Sequence[float] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str | None:
+    """Describe the (z, y, x) array at ``array_url`` in OME-NGFF multiscale metadata.
+
+    Merges one entry into the host group's attributes (see :func:`ome_host`) without
+    dropping other entries or other attributes; returns the host group URL (None for an
+    array that is a store of its own). Idempotent: an entry that is already there is not
+    rewritten, so shards calling this at once write the same bytes or nothing. Two
+    processes adding *different* arrays to one group at the same moment could race on the
+    read-modify-write; the entry is read back and rewritten if it was lost.
+    ``resolution`` and ``offset`` are in nm.
+    """
+    host = ome_host(array_url)
+    if host is None:
+        return None
+    group_url, dataset_path = host
+    attempts = 5
+    for attempt in range(attempts + 1):  # the last pass only checks the last write
+        group = open_group(group_url, mode="a", storage_options=storage_options)
+        fmt = group.metadata.zarr_format
+        entry = ome_multiscale_entry(dataset_path, resolution, offset, "0.5" if fmt == 3 else "0.4")
+        update = _merged_multiscales(group.attrs.asdict(), entry, fmt)
+        if update is None:
+            return group_url
+        if attempt == attempts:
+            break
+        if attempt:
+            time.sleep(0.05 * attempt * (1 + random.random()))
+        try:
+            group.attrs.update(update)
+        except Exception as e:
+            raise StorageError(
+                f"cannot write OME-NGFF metadata to {redact_url(group_url)!r}: {_describe(e)}"
+            ) from e
+    raise StorageError(
+        f"OME-NGFF metadata for {redact_url(array_url)!r} kept being overwritten by "
+        f"concurrent writers of {redact_url(group_url)!r}"
+    )
+
+
+def _maybe_write_ome(url: str, attrs: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> None:
+    """Called by :func:`create_array`: every volume with a resolution gets OME metadata."""
+    resolution = attrs.get("resolution")
+    if resolution is not None and len(resolution) == 3:
+        write_ome_metadata(url, resolution, attrs.get("offset"), storage_options)
 
 
 # --- small files (configs, markers, merge state) -------------------------------------------
@@ -396,5 +553,7 @@ def write_tiff(
 
     buffer = io.BytesIO()
     meta = {"axes": "ZYX", **spatial_attrs(resolution, offset)}
-    tifffile.imwrite(buffer, np.asarray(array), metadata=meta, bigtiff=array.nbytes > 2**31)
+    tifffile.imwrite(
+        buffer, np.asarray(array), metadata=meta, photometric="minisblack", bigtiff=array.nbytes > 2**31
+    )
     write_bytes(url, buffer.getvalue(), storage_options)
