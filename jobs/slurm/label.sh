@@ -1,0 +1,32 @@
+#!/bin/bash
+# Submit the three label phases as Slurm jobs chained by dependencies, then return:
+#   jobs/slurm/label.sh [CONFIG] [SHARDS]      (defaults: jobs/s3/label.yaml, 8)
+# blocks (array of SHARDS) --afterok--> merge (one job) --afterok--> relabel (array of SHARDS)
+# If a phase fails, the later ones stay pending with reason DependencyNeverSatisfied;
+# cancel them (scancel), fix the cause and run this script again: done blocks are skipped.
+# Environment knobs (CATENA_SIF, CATENA_BIND, AWS_*) are passed on by sbatch.
+set -euo pipefail
+
+CONFIG=${1:-jobs/s3/label.yaml}
+SHARDS=${2:-8}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+if ! [[ "$SHARDS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "label.sh: SHARDS must be a positive integer, got '$SHARDS'" >&2
+    exit 2
+fi
+
+# --parsable prints "jobid" or "jobid;cluster"; keep the id.
+submit() { sbatch --parsable "$@" | cut -d';' -f1; }
+
+blocks=$(submit --array="0-$((SHARDS - 1))" "$HERE/label-blocks.sbatch" "$CONFIG")
+# afterok on an array job waits for every task of the array to succeed.
+merge=$(submit --dependency="afterok:$blocks" "$HERE/label-merge.sbatch" "$CONFIG")
+relabel=$(submit --dependency="afterok:$merge" --array="0-$((SHARDS - 1))" \
+    "$HERE/label-relabel.sbatch" "$CONFIG")
+
+echo "submitted label for $CONFIG in $SHARDS shards:"
+echo "  blocks  $blocks"
+echo "  merge   $merge   (after blocks)"
+echo "  relabel $relabel (after merge)"
+echo "watch with: squeue -j $blocks,$merge,$relabel"

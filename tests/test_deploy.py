@@ -1,0 +1,517 @@
+"""The deployment files: image, Apptainer recipe, Kubernetes manifests, job configs, Slurm.
+
+Schema validation (kubernetes-validate --strict), hadolint and spython are test
+dependencies (`pip install -e .[test]`), never skipped. The checks below them are the ones
+a schema cannot make: that the manifests and scripts agree with the CLI's contract
+(shard environment, label phase order, exit codes) and with the security baseline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from catena_mito.config import LabelConfig, PredictConfig, TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = sorted((REPO / "k8s").glob("*.yaml"))
+JOB_CONFIGS = sorted((REPO / "jobs").rglob("*.yaml"))
+SLURM = sorted((REPO / "jobs" / "slurm").iterdir())
+K8S_VERSION = "1.30.0"
+CONFIG_CLASSES = {"train": TrainConfig, "predict": PredictConfig, "label": LabelConfig}
+UID = 10001
+#: Config fields that hold a URL (an output or input location, not a name inside one).
+URL_FIELDS = (
+    "train_zarr_dirs",
+    "test_zarr_dirs",
+    "runs_dir",
+    "model_path",
+    "output_dir",
+    "input_prediction_path",
+    "output_instance_dir",
+)
+
+
+def venv_tool(name: str) -> str:
+    """A console script installed next to this interpreter (the test deps), else on PATH."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    assert found, f"{name} is a test dependency: pip install -e '.[test]'"
+    return found
+
+
+def load_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def all_docs() -> list[tuple[Path, dict]]:
+    return [(p, d) for p in K8S for d in load_docs(p)]
+
+
+def jobs() -> list[tuple[Path, dict]]:
+    return [(p, d) for p, d in all_docs() if d["kind"] == "Job"]
+
+
+def job_id(item: tuple[Path, dict]) -> str:
+    return f"{item[0].name}:{item[1]['metadata']['name']}"
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_files_exist():
+    for name in ("train-job.yaml", "predict-job.yaml", "label-job.yaml"):
+        assert (REPO / "k8s" / name).is_file()
+    for kind in ("local", "s3"):
+        for job in ("train", "predict", "label"):
+            assert (REPO / "jobs" / kind / f"{job}.yaml").is_file()
+    for name in ("Dockerfile", "build-local.sh"):
+        assert (REPO / "containers" / name).is_file()
+    assert (REPO / ".dockerignore").is_file()
+    assert (REPO / "apptainer" / "catena.def").is_file()
+    assert (REPO / "docs" / "deploy.md").is_file()
+
+
+# --- Kubernetes: schema -------------------------------------------------------------------
+
+
+def test_manifests_pass_strict_schema_validation():
+    result = subprocess.run(
+        [venv_tool("kubernetes-validate"), "--strict", "-k", K8S_VERSION, *map(str, K8S)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Every document of every multi-document file was looked at, not just the first.
+    passed = re.findall(r"passed for resource", result.stdout + result.stderr)
+    assert len(passed) == len(all_docs())
+
+
+def test_strict_validation_rejects_an_unknown_field(tmp_path):
+    # Guards the test above: a typo in a manifest must fail, or passing means nothing.
+    docs = load_docs(REPO / "k8s" / "predict-job.yaml")
+    job = next(d for d in docs if d["kind"] == "Job")
+    job["spec"]["template"]["spec"]["containers"][0]["resource"] = {}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump_all(docs))
+    result = subprocess.run(
+        [venv_tool("kubernetes-validate"), "--strict", "-k", K8S_VERSION, str(bad)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+
+
+# --- Kubernetes: what the schema cannot check ---------------------------------------------
+
+
+def test_each_file_is_self_contained():
+    """`kubectl apply -f FILE` on its own: every ConfigMap a Job mounts is in the same file."""
+    for path in K8S:
+        docs = load_docs(path)
+        configmaps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+        for job in (d for d in docs if d["kind"] == "Job"):
+            for vol in job["spec"]["template"]["spec"]["volumes"]:
+                if "configMap" in vol:
+                    assert vol["configMap"]["name"] in configmaps, (path.name, vol)
+
+
+@pytest.mark.parametrize("item", jobs(), ids=job_id)
+def test_job_pod_security_and_resources(item):
+    path, job = item
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod.get("automountServiceAccountToken") is False
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True
+    assert psc["runAsUser"] == UID
+    assert psc["fsGroup"] == UID
+    assert psc["seccompProfile"]["type"] == "RuntimeDefault"
+
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert sc["readOnlyRootFilesystem"] is True
+        # A read-only root needs writable scratch for /tmp, $HOME and the caches.
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        for path_ in ("/tmp", "/dev/shm"):
+            assert "emptyDir" in volumes[mounts[path_]], (c["name"], path_)
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        env = env_of(c)
+        home = env["HOME"]["value"]
+        assert home in mounts and "emptyDir" in volumes[mounts[home]]
+        for var in ("MPLCONFIGDIR", "XDG_CACHE_HOME") + (
+            ("TORCH_HOME",) if "nvidia.com/gpu" in c["resources"]["limits"] else ()
+        ):
+            assert env[var]["value"].startswith(("/tmp/", home + "/")), var
+
+        res = c["resources"]
+        for key in ("cpu", "memory"):
+            assert key in res["requests"] and key in res["limits"], (c["name"], key)
+        # The config is mounted read-only from the ConfigMap and named on the command line.
+        config_mounts = [m for m in c["volumeMounts"] if "configMap" in volumes[m["name"]]]
+        assert config_mounts and all(m.get("readOnly") for m in config_mounts)
+        assert c["args"][1:3][0] == "--config"
+        assert c["args"][2].startswith(config_mounts[0]["mountPath"] + "/")
+        assert c["image"].split(":")[-1] != "latest"
+
+
+@pytest.mark.parametrize("item", jobs(), ids=job_id)
+def test_secrets_only_by_reference(item):
+    _, job = item
+    for c in job["spec"]["template"]["spec"]["containers"]:
+        env = env_of(c)
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+            assert "value" not in env[name], name
+            assert "secretKeyRef" in env[name]["valueFrom"], name
+        for name, e in env.items():
+            if re.search(r"KEY|SECRET|TOKEN|PASSWORD", name):
+                assert "value" not in e, f"{name} has a literal value"
+        assert "envFrom" not in c or all(
+            "secretRef" in s or "configMapRef" in s for s in c["envFrom"]
+        )
+
+
+@pytest.mark.parametrize("item", jobs(), ids=job_id)
+def test_failure_policy_matches_cli_exit_codes(item):
+    """Exit 2 (ConfigError) fails the Job at once; disruptions do not count as failures."""
+    from catena_mito.errors import ConfigError
+
+    _, job = item
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    fail_fast = [r for r in rules if r["action"] in ("FailJob", "FailIndex")]
+    assert any(ConfigError.exit_code in r["onExitCodes"]["values"] for r in fail_fast)
+    assert any(
+        r["action"] == "Ignore" and r["onPodConditions"][0]["type"] == "DisruptionTarget"
+        for r in rules
+    )
+
+
+def indexed_jobs() -> list[tuple[Path, dict]]:
+    return [(p, j) for p, j in jobs() if j["spec"].get("completionMode") == "Indexed"]
+
+
+@pytest.mark.parametrize("item", indexed_jobs(), ids=job_id)
+def test_indexed_jobs_declare_their_shard_count(item):
+    _, job = item
+    spec = job["spec"]
+    (c,) = spec["template"]["spec"]["containers"]
+    env = env_of(c)
+    # JOB_COMPLETION_INDEX is set by Kubernetes for Indexed Jobs; the count is ours to set.
+    assert int(env["CATENA_NUM_SHARDS"]["value"]) == spec["completions"]
+    assert "--shard-index" not in c["args"] and "--num-shards" not in c["args"]
+    assert 1 <= spec["parallelism"] <= spec["completions"]
+    assert spec["backoffLimitPerIndex"] >= 1
+    assert 0 <= spec["maxFailedIndexes"] < spec["completions"]
+
+
+def test_predict_is_an_indexed_gpu_job():
+    (job,) = [d for d in load_docs(REPO / "k8s" / "predict-job.yaml") if d["kind"] == "Job"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["args"][0] == "predict"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == 1
+
+
+def test_train_is_one_gpu_job_writing_to_s3():
+    docs = load_docs(REPO / "k8s" / "train-job.yaml")
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["args"][0] == "train"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    config = yaml.safe_load(next(iter(cm["data"].values())))
+    assert config["runs_dir"].startswith("s3://")
+
+
+def test_label_phases_run_in_order_from_one_apply():
+    docs = load_docs(REPO / "k8s" / "label-job.yaml")
+    phases = {}
+    for job in (d for d in docs if d["kind"] == "Job"):
+        (c,) = job["spec"]["template"]["spec"]["containers"]
+        args = c["args"]
+        assert args[0] == "label"
+        phases[args[args.index("--phase") + 1]] = (job, args)
+    assert set(phases) == {"blocks", "merge", "relabel"}
+    assert phases["blocks"][0]["spec"]["completionMode"] == "Indexed"
+    assert phases["relabel"][0]["spec"]["completionMode"] == "Indexed"
+    assert phases["merge"][0]["spec"].get("completionMode", "NonIndexed") == "NonIndexed"
+    # Merge and relabel start with blocks and wait for their markers; relabel waits for
+    # blocks + merge, so its timeout must be the longer one.
+    timeouts = {}
+    for phase in ("merge", "relabel"):
+        args = phases[phase][1]
+        timeouts[phase] = float(args[args.index("--wait-timeout") + 1])
+        assert timeouts[phase] > 0
+    assert timeouts["relabel"] > timeouts["merge"]
+    assert "--wait-timeout" not in phases["blocks"][1]
+
+
+def configmap_configs() -> list[tuple[str, str, str]]:
+    out = []
+    for path, doc in all_docs():
+        if doc["kind"] == "ConfigMap":
+            for key, text in doc["data"].items():
+                out.append((path.name, key, text))
+    return out
+
+
+@pytest.mark.parametrize("item", configmap_configs(), ids=lambda i: f"{i[0]}:{i[1]}")
+def test_configmap_configs_load(item, tmp_path):
+    _, key, text = item
+    cls = CONFIG_CLASSES[key.removesuffix(".yaml")]
+    path = tmp_path / key
+    path.write_text(text)
+    config = load_config(cls, str(path))
+    # Credentials come from the Secret, never from the config.
+    assert config.storage_options == {}
+    assert config.redacted_dict() == config.model_dump(mode="json")
+
+
+def test_configmaps_are_mounted_under_the_names_the_args_use():
+    for path in K8S:
+        docs = load_docs(path)
+        keys = {k for d in docs if d["kind"] == "ConfigMap" for k in d["data"]}
+        for job in (d for d in docs if d["kind"] == "Job"):
+            (c,) = job["spec"]["template"]["spec"]["containers"]
+            assert Path(c["args"][2]).name in keys, (path.name, c["args"])
+
+
+# --- job configs --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_job_configs_load(path):
+    cls = CONFIG_CLASSES[path.stem]
+    config = load_config(cls, str(path))
+    assert config.storage_options == {}
+    data = config.model_dump()
+    urls = [data[f] for f in URL_FIELDS if isinstance(data.get(f), str)]
+    urls += [u for f in URL_FIELDS if isinstance(data.get(f), list) for u in data[f]]
+    assert urls
+    if path.parent.name == "s3":
+        assert all(u.startswith("s3://") for u in urls), urls
+    else:
+        assert not any("://" in u for u in urls), urls
+
+
+def test_local_configs_chain_train_predict_label():
+    train = load_config(TrainConfig, str(REPO / "jobs/local/train.yaml"))
+    predict = load_config(PredictConfig, str(REPO / "jobs/local/predict.yaml"))
+    label = load_config(LabelConfig, str(REPO / "jobs/local/label.yaml"))
+    assert predict.model_path.startswith(f"{train.runs_dir}/{train.exp_name}/")
+    assert label.input_prediction_path == f"{predict.output_dir}/{predict.output_filename}"
+
+
+def test_s3_configs_chain_train_predict_label():
+    train = load_config(TrainConfig, str(REPO / "jobs/s3/train.yaml"))
+    predict = load_config(PredictConfig, str(REPO / "jobs/s3/predict.yaml"))
+    label = load_config(LabelConfig, str(REPO / "jobs/s3/label.yaml"))
+    assert predict.model_path.startswith(f"{train.runs_dir}/{train.exp_name}/")
+    assert label.input_prediction_path == f"{predict.output_dir}/{predict.output_filename}"
+
+
+# --- Slurm --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", SLURM, ids=lambda p: p.name)
+def test_slurm_scripts_parse_and_are_executable(path):
+    result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert path.stat().st_mode & stat.S_IXUSR
+    text = path.read_text()
+    assert text.startswith("#!/bin/bash")
+    assert "set -euo pipefail" in text
+
+
+def fake_bin(tmp_path: Path, name: str, body: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    tool = bin_dir / name
+    tool.write_text("#!/bin/bash\n" + body)
+    tool.chmod(0o755)
+
+
+def run_script(tmp_path: Path, script: Path, *args: str, env: dict[str, str] | None = None):
+    full_env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", **(env or {})}
+    # The scheduler variables of whatever runs the tests must not leak into the script.
+    for var in ("JOB_COMPLETION_INDEX", "CATENA_NUM_SHARDS", "SLURM_JOB_ID"):
+        if var not in (env or {}):
+            full_env.pop(var, None)
+    return subprocess.run(
+        ["bash", str(script), *args], capture_output=True, text=True, env=full_env, cwd=tmp_path
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "subcommand", "gpu"),
+    [
+        ("train.sbatch", ["train"], True),
+        ("predict.sbatch", ["predict"], True),
+        ("label-blocks.sbatch", ["label", "--phase", "blocks"], False),
+        ("label-merge.sbatch", ["label", "--phase", "merge"], False),
+        ("label-relabel.sbatch", ["label", "--phase", "relabel"], False),
+    ],
+)
+def test_sbatch_scripts_run_the_image_with_shards_from_slurm(tmp_path, script, subcommand, gpu):
+    """Run each sbatch script with a stand-in `apptainer` that records its arguments and
+    resolves the shard as the CLI would inside the container."""
+    record = tmp_path / "apptainer.args"
+    fake_bin(
+        tmp_path,
+        "apptainer",
+        f'printf "%s\\n" "$@" > {record}\n'
+        f'{sys.executable} -c "from catena_mito.sharding import resolve_shard; '
+        f"print('shard', *resolve_shard())\"\n",
+    )
+    slurm_env = {
+        "SLURM_ARRAY_TASK_ID": "5",
+        "SLURM_ARRAY_TASK_COUNT": "8",
+        "SLURM_ARRAY_TASK_MIN": "0",
+    }
+    result = run_script(tmp_path, REPO / "jobs/slurm" / script, "my.yaml", env=slurm_env)
+    assert result.returncode == 0, result.stderr
+    args = record.read_text().split("\n")[:-1]
+    assert args[0] == "run"
+    assert ("--nv" in args) == gpu
+    sif = args.index("catena.sif")
+    assert args[sif + 1] == subcommand[0]
+    rest = args[sif + 2 :]
+    assert rest[rest.index("--config") + 1] == "my.yaml"
+    for flag in subcommand[1:]:
+        assert flag in rest
+    # No explicit shard flags: the CLI reads SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT.
+    assert "--shard-index" not in rest and "--num-shards" not in rest
+    if script in ("predict.sbatch", "label-blocks.sbatch", "label-relabel.sbatch"):
+        assert "shard 5 8" in result.stdout
+
+
+def test_label_sh_chains_the_phases_with_dependencies(tmp_path):
+    log = tmp_path / "sbatch.log"
+    # A stand-in sbatch: logs its arguments and answers "<id>;cluster" like --parsable does.
+    fake_bin(
+        tmp_path,
+        "sbatch",
+        f"n=$(( $(wc -l < {log} 2>/dev/null || echo 0) + 1 ))\n"
+        f'echo "$*" >> {log}\n'
+        'echo "$((1000 + n));cluster"\n',
+    )
+    result = run_script(tmp_path, REPO / "jobs/slurm/label.sh", "cfg.yaml", "4")
+    assert result.returncode == 0, result.stderr
+    blocks, merge, relabel = log.read_text().splitlines()
+    assert "--array=0-3" in blocks and "label-blocks.sbatch cfg.yaml" in blocks
+    assert "--dependency=afterok:1001 " in merge and "label-merge.sbatch cfg.yaml" in merge
+    assert "--dependency=afterok:1002 " in relabel and "--array=0-3" in relabel
+    assert "label-relabel.sbatch cfg.yaml" in relabel
+
+
+def test_label_sh_rejects_a_bad_shard_count(tmp_path):
+    fake_bin(tmp_path, "sbatch", "exit 99\n")
+    result = run_script(tmp_path, REPO / "jobs/slurm/label.sh", "cfg.yaml", "zero")
+    assert result.returncode == 2
+    assert "SHARDS" in result.stderr
+
+
+# --- the image ----------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint():
+    result = subprocess.run(
+        [venv_tool("hadolint"), "--no-color", str(REPO / "containers" / "Dockerfile")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_contract():
+    text = (REPO / "containers" / "Dockerfile").read_text()
+    instructions = [line for line in text.splitlines() if line and not line.startswith((" ", "#"))]
+    assert re.search(r"^ARG BASE_IMAGE=\S*pytorch\S*cuda", text, re.M)
+    assert re.search(r"^ARG TORCH_SPEC=", text, re.M)
+    for arg in ("PIP_FIND_LINKS", "PIP_NO_INDEX", "WHEELHOUSE"):
+        assert re.search(rf"^ARG {arg}=", text, re.M), arg
+    assert f"USER {UID}" in text
+    assert instructions[-2:] == ['ENTRYPOINT ["catena-mito"]', 'CMD ["--help"]']
+    # Dependencies are installed before the package source is copied (layer cache).
+    assert text.index("COPY pyproject.toml") < text.index("COPY catena_mito")
+    assert "--no-cache-dir" in text
+    # No credentials baked in.
+    assert not re.search(r"^(ENV|ARG)\s+AWS_", text, re.M)
+    for line in (ln for ln in text.splitlines() if "hadolint ignore" in ln):
+        # Every ignore comes with a comment saying why, on the lines just above.
+        before = text[: text.index(line)].splitlines()[-1]
+        assert before.startswith("#") and "ignore" not in before
+
+
+def test_dockerignore_keeps_the_context_small():
+    lines = [
+        ln.strip()
+        for ln in (REPO / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    # Deny by default, then allow only what the Dockerfile copies or mounts.
+    assert lines[0] == "**"
+    allowed = {ln[1:] for ln in lines if ln.startswith("!")}
+    assert {"pyproject.toml", "README.md", "catena_mito/**"} <= allowed
+    wheelhouse = re.search(
+        r"^ARG WHEELHOUSE=(\S+)", (REPO / "containers/Dockerfile").read_text(), re.M
+    )
+    assert f"{wheelhouse.group(1)}/**" in allowed
+    assert (REPO / wheelhouse.group(1)).is_dir()
+
+
+def test_build_local_script():
+    path = REPO / "containers" / "build-local.sh"
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    assert path.stat().st_mode & stat.S_IXUSR
+    text = path.read_text()
+    for needle in (
+        "debootstrap",
+        "podman import",
+        "podman build --network=none",
+        "--runtime runc",
+        "PIP_NO_INDEX=1",
+    ):
+        assert needle in text, needle
+
+
+# --- Apptainer ----------------------------------------------------------------------------
+
+
+def test_apptainer_recipe_parses():
+    from spython.main.parse.parsers import SingularityParser
+
+    path = REPO / "apptainer" / "catena.def"
+    recipe = SingularityParser(str(path)).recipe
+    (stage,) = recipe.values()
+    assert stage.fromHeader
+    assert stage.cmd.strip() == 'exec catena-mito "$@"'
+    assert stage.test, "%test is missing"
+    assert any("org.opencontainers.image.title" in label for label in stage.labels)
+    assert any(e.startswith("PATH=/opt/catena/bin") for e in stage.environ)
+
+    text = path.read_text()
+    sections = re.findall(r"^%(\w+)", text, re.M)
+    assert {"labels", "environment", "runscript", "test", "help"} <= set(sections)
+    assert re.search(r"^Bootstrap: (docker|docker-daemon)$", text, re.M)
+    test_section = text.split("%test", 1)[1].split("\n%", 1)[0]
+    assert "catena-mito --help" in test_section
+    help_section = text.split("%help", 1)[1].split("\n%", 1)[0]
+    assert "apptainer run --nv catena.sif predict --config" in help_section
+    assert "--bind" in help_section
