@@ -142,6 +142,30 @@ def label(config_path: str, overrides: tuple[str, ...], shard_index: int | None,
     run(config, phase=phase, shard_index=index, num_shards=count, overwrite=overwrite, wait_timeout=wait_timeout)
 
 
+@cli.command()
+@click.option("--gt", "gt", required=True, metavar="URL", help="Ground truth: a dataset (uses volumes/labels/mito_ids) or an instance-id array.")
+@click.option("--prediction", metavar="ARRAY_URL", default=None, help="Probabilities (uint8 = value/255, or float); default: the dataset's volumes/predictions/mito.")
+@click.option("--instances", metavar="ARRAY_URL", default=None, help="Instance ids from label; default: the dataset's volumes/labels/mito_instances.")
+@click.option("--threshold", type=float, default=0.5, show_default=True, help="Foreground where probability > this.")
+@click.option("--iou", "iou_thresholds", type=float, multiple=True, default=(0.5, 0.75), show_default=True, help="IoU thresholds for instance matching. Repeatable.")
+@click.option("--json", "json_url", metavar="OUT_URL", default=None, help="Also write the scores as JSON here (any fsspec URL).")
+@click.option("--block-shape", nargs=3, type=int, default=None, help="Block read at a time, Z Y X voxels (default ~128^3 in whole chunks).")
+def evaluate(gt: str, prediction: str | None, instances: str | None, threshold: float, iou_thresholds: tuple[float, ...], json_url: str | None, block_shape: tuple[int, int, int] | None) -> None:
+    """Score probabilities (Dice/IoU) and instances (precision, recall, F1, AP) against ground truth.
+
+    Reads block by block, so volumes of any size fit. AP at IoU t is TP / (TP + FP + FN)
+    with one-to-one matching (StarDist/Cellpose convention); mean AP averages t = 0.50:0.05:0.95.
+    """
+    from catena_mito.evaluate import evaluate as run
+    from catena_mito.evaluate import format_report, write_report
+
+    report = run(gt, prediction, instances, threshold=threshold, iou_thresholds=iou_thresholds, block_shape=block_shape, progress=sys.stderr.isatty())
+    click.echo(format_report(report))
+    if json_url:
+        write_report(report, json_url)
+        click.echo(f"wrote {json_url}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning library errors into one line and an exit code."""
     from catena_mito.errors import CatenaError

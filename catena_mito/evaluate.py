@@ -1,0 +1,204 @@
+"""``catena-mito evaluate``: semantic and instance scores against ground truth, block by block.
+
+The ground truth is an instance-id volume (``volumes/labels/mito_ids``; 0 = background).
+A *prediction* (probabilities) is binarised with ``probability > threshold`` — uint8
+volumes are read as ``value / 255``, floats as they are — and scored with Dice and IoU
+(see :class:`~catena_mito.instance_metrics.SemanticCounts`). An *instance* volume (from
+``label``) is scored by one-to-one matching at IoU thresholds (precision, recall, F1 and
+AP = TP / (TP + FP + FN), see :mod:`catena_mito.instance_metrics`).
+
+The volumes are read one block at a time (``block_shape`` voxels, z, y, x), so memory is
+a few blocks plus the contingency table, whatever the volume size. The result does not
+depend on the block shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from catena_mito import storage
+from catena_mito.errors import DataError, StorageError
+from catena_mito.geometry import BlockGrid, as_coord
+from catena_mito.instance_metrics import Contingency, SemanticCounts, instance_scores
+
+log = logging.getLogger(__name__)
+
+#: Default block edge (voxels); rounded up to whole chunks of the ground truth.
+DEFAULT_BLOCK_EDGE = 128
+
+
+def resolve_gt(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, str | None]:
+    """``(gt_array_url, dataset_url)``: ``url`` is a dataset (group) or an array.
+
+    For a dataset the ground truth is ``volumes/labels/mito_ids`` and ``dataset_url`` is
+    the group, where default prediction/instance arrays are looked up.
+    """
+    if storage.array_exists(url, storage_options):
+        return url, None
+    candidate = storage.join_url(url, storage.LABEL_PATHS["mito"])
+    if storage.array_exists(candidate, storage_options):
+        return candidate, url
+    raise StorageError(
+        f"--gt {storage.redact_url(url)!r}: neither a Zarr array nor a dataset with "
+        f"{storage.LABEL_PATHS['mito']}"
+    )
+
+
+def _default_block_shape(chunks: Sequence[int]) -> tuple[int, int, int]:
+    return tuple(max(1, -(-DEFAULT_BLOCK_EDGE // c)) * c for c in chunks)  # type: ignore[return-value]
+
+
+def _check_compatible(name: str, url: str, arr, gt_url: str, gt) -> None:
+    if tuple(arr.shape) != tuple(gt.shape):
+        raise DataError(
+            f"{name} {storage.redact_url(url)!r} has shape {list(arr.shape)} but the ground truth "
+            f"{storage.redact_url(gt_url)!r} has {list(gt.shape)}; evaluate needs the same grid "
+            "(predict with output_res: original, or resample first)"
+        )
+    res, _ = storage.read_spatial(arr)
+    gt_res, _ = storage.read_spatial(gt)
+    if res is not None and gt_res is not None and not np.allclose(res, gt_res):
+        raise DataError(
+            f"{name} {storage.redact_url(url)!r} has resolution {list(res)} nm but the ground "
+            f"truth has {list(gt_res)} nm"
+        )
+
+
+def binarise(block: np.ndarray, threshold: float) -> np.ndarray:
+    """Foreground where probability > ``threshold``; uint8 holds probability × 255."""
+    if block.dtype == np.uint8:
+        # Compare in integers: value/255 > t  <=>  value > 255 t (no float copy of the block).
+        return block > threshold * 255.0
+    if np.issubdtype(block.dtype, np.floating):
+        return block > threshold
+    if block.dtype == np.bool_:
+        return block
+    raise DataError(f"prediction dtype {block.dtype} is not a probability (expected uint8 or float)")
+
+
+def evaluate(
+    gt: str,
+    prediction: str | None = None,
+    instances: str | None = None,
+    *,
+    threshold: float = 0.5,
+    iou_thresholds: Sequence[float] = (0.5, 0.75),
+    block_shape: Sequence[int] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score ``prediction`` and/or ``instances`` against ``gt``; returns a JSON-able report.
+
+    ``gt`` is a dataset URL (then ``volumes/labels/mito_ids`` is the truth, and missing
+    ``prediction``/``instances`` default to ``volumes/predictions/mito`` and
+    ``volumes/labels/mito_instances`` when they exist) or an array URL. ``block_shape``
+    is in voxels (z, y, x); default: about 128³ rounded up to whole ground-truth chunks.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise DataError(f"--threshold must be in [0, 1], got {threshold}")
+    for t in iou_thresholds:
+        if not 0.0 < t <= 1.0:
+            raise DataError(f"IoU threshold must be in (0, 1], got {t}")
+    gt_url, dataset = resolve_gt(gt, storage_options)
+    if dataset is not None and prediction is None and instances is None:
+        for default, kind in ((storage.prediction_path("mito"), "prediction"), (storage.INSTANCES_PATH, "instances")):
+            url = storage.join_url(dataset, default)
+            if storage.array_exists(url, storage_options):
+                if kind == "prediction":
+                    prediction = url
+                else:
+                    instances = url
+    if prediction is None and instances is None:
+        raise DataError(
+            f"nothing to evaluate against {storage.redact_url(gt_url)!r}: give --prediction "
+            "and/or --instances"
+        )
+    gt_arr = storage.open_volume(gt_url, storage_options)
+    if not (np.issubdtype(gt_arr.dtype, np.integer) or gt_arr.dtype == np.bool_):
+        raise DataError(f"ground truth {storage.redact_url(gt_url)!r} has dtype {gt_arr.dtype}, expected integer ids")
+    pred_arr = inst_arr = None
+    if prediction is not None:
+        pred_arr = storage.open_volume(prediction, storage_options)
+        _check_compatible("prediction", prediction, pred_arr, gt_url, gt_arr)
+        if not (pred_arr.dtype == np.uint8 or np.issubdtype(pred_arr.dtype, np.floating)):
+            raise DataError(
+                f"prediction {storage.redact_url(prediction)!r} has dtype {pred_arr.dtype}, expected "
+                "uint8 (probability × 255) or float probabilities; pass instance ids as --instances"
+            )
+    if instances is not None:
+        inst_arr = storage.open_volume(instances, storage_options)
+        _check_compatible("instances", instances, inst_arr, gt_url, gt_arr)
+        if not np.issubdtype(inst_arr.dtype, np.integer):
+            raise DataError(f"instances {storage.redact_url(instances)!r} have dtype {inst_arr.dtype}, expected integer ids")
+
+    shape = as_coord(block_shape, "--block-shape") if block_shape is not None else _default_block_shape(gt_arr.chunks)
+    grid = BlockGrid(tuple(gt_arr.shape), shape)
+    semantic = SemanticCounts() if pred_arr is not None else None
+    contingency = Contingency() if inst_arr is not None else None
+    blocks = grid.blocks()
+    if progress:
+        from tqdm import tqdm
+
+        blocks = tqdm(blocks, desc="evaluating", unit="block")
+    for block in blocks:
+        sl = block.write_roi.to_slices()
+        truth = np.asarray(gt_arr[sl])
+        if semantic is not None:
+            semantic.update(truth != 0, binarise(np.asarray(pred_arr[sl]), threshold))
+        if contingency is not None:
+            contingency.update(truth, np.asarray(inst_arr[sl]))
+
+    report: dict[str, Any] = {
+        "ground_truth": storage.redact_url(gt_url),
+        "shape": list(gt_arr.shape),
+        "block_shape": list(shape),
+    }
+    if semantic is not None:
+        report["semantic"] = {"prediction": storage.redact_url(prediction), "threshold": threshold, **semantic.scores()}
+    if contingency is not None:
+        report["instances"] = {
+            "instances": storage.redact_url(instances),
+            "ap_definition": "TP / (TP + FP + FN) at each IoU threshold; mean_ap averages IoU 0.50:0.05:0.95",
+            **instance_scores(contingency.tables(), iou_thresholds),
+        }
+    return report
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """A readable table of :func:`evaluate`'s report."""
+    lines = [f"ground truth: {report['ground_truth']}  shape {report['shape']} (z, y, x)"]
+    sem = report.get("semantic")
+    if sem:
+        lines += [
+            "",
+            f"semantic: {sem['prediction']}  (foreground where probability > {sem['threshold']:g})",
+            f"  {'':12}{'dice':>8}{'iou':>8}",
+            f"  {'foreground':12}{sem['dice']:8.4f}{sem['iou']:8.4f}",
+            f"  {'background':12}{sem['background_dice']:8.4f}{sem['background_iou']:8.4f}",
+            f"  {'mean':12}{sem['mean_dice']:8.4f}{sem['mean_iou']:8.4f}",
+            f"  precision {sem['precision']:.4f}  recall {sem['recall']:.4f}",
+        ]
+    inst = report.get("instances")
+    if inst:
+        lines += [
+            "",
+            f"instances: {inst['instances']}  ({inst['n_gt']} ground-truth, {inst['n_pred']} predicted objects)",
+            f"  {'IoU >=':>8}{'TP':>8}{'FP':>8}{'FN':>8}{'prec':>8}{'recall':>8}{'F1':>8}{'AP':>8}",
+        ]
+        for t, row in inst["thresholds"].items():
+            lines.append(
+                f"  {t:>8}{row['tp']:8d}{row['fp']:8d}{row['fn']:8d}"
+                f"{row['precision']:8.4f}{row['recall']:8.4f}{row['f1']:8.4f}{row['ap']:8.4f}"
+            )
+        lines.append(f"  mean AP (IoU 0.50:0.05:0.95): {inst['mean_ap']:.4f}   AP = TP / (TP + FP + FN)")
+    return "\n".join(lines)
+
+
+def write_report(report: Mapping[str, Any], url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write the report as JSON to any fsspec URL."""
+    storage.write_bytes(url, (json.dumps(report, indent=1) + "\n").encode(), storage_options)

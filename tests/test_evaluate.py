@@ -1,0 +1,174 @@
+"""evaluate: hand-computed semantic and instance scores, block-shape independence, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from catena_mito import storage
+from catena_mito.errors import DataError
+from catena_mito.evaluate import evaluate, format_report
+from catena_mito.instance_metrics import Contingency, SemanticCounts, instance_scores
+
+# One row of ten voxels, shape (1, 1, 10) — small enough to count by hand.
+GT = np.array([1, 1, 1, 1, 0, 2, 2, 0, 3, 3], np.uint32).reshape(1, 1, 10)
+INST = np.array([5, 5, 5, 0, 8, 6, 6, 6, 0, 7], np.uint32).reshape(1, 1, 10)
+PROB = np.array([255, 200, 128, 127, 255, 0, 0, 0, 0, 0], np.uint8).reshape(1, 1, 10)
+
+
+def _write(url, array, resolution=(8, 8, 8), chunks=None):
+    arr = storage.create_array(url, array.shape, array.dtype, chunks or array.shape,
+                               attrs=storage.spatial_attrs(resolution), overwrite=True)
+    arr[...] = array
+    return url
+
+
+def test_semantic_by_hand():
+    # gt fg  1 1 1 1 0 1 1 0 1 1 ; pred fg (p > 0.5, i.e. > 127.5) 1 1 1 0 1 0 0 0 0 0
+    # TP=3, FP=1 (x=4), FN=5 (x=3,5,6,8,9), TN=1 (x=7)
+    c = SemanticCounts()
+    c.update(GT != 0, PROB > 127.5)
+    s = c.scores()
+    assert s["counts"] == {"tp": 3, "fp": 1, "fn": 5, "tn": 1}
+    assert s["dice"] == pytest.approx(6 / 12)
+    assert s["iou"] == pytest.approx(3 / 9)
+    assert s["background_dice"] == pytest.approx(2 / 8)
+    assert s["background_iou"] == pytest.approx(1 / 7)
+    assert s["mean_dice"] == pytest.approx((0.5 + 0.25) / 2)
+    assert s["mean_iou"] == pytest.approx((1 / 3 + 1 / 7) / 2)
+
+
+def test_instances_by_hand():
+    # pairs: (1,5) inter 3, |1|=4, |5|=3 -> IoU 3/4; (2,6) inter 2, |2|=2, |6|=3 -> 2/3;
+    # (3,7) inter 1, |3|=2, |7|=1 -> 1/2; prediction 8 overlaps nothing.
+    c = Contingency()
+    c.update(GT, INST)
+    s = instance_scores(c.tables(), (0.5, 0.75))
+    assert (s["n_gt"], s["n_pred"]) == (3, 4)
+    at50, at75 = s["thresholds"]["0.5"], s["thresholds"]["0.75"]
+    assert (at50["tp"], at50["fp"], at50["fn"]) == (3, 1, 0)
+    assert at50["precision"] == pytest.approx(3 / 4)
+    assert at50["recall"] == pytest.approx(1.0)
+    assert at50["f1"] == pytest.approx(6 / 7)
+    assert at50["ap"] == pytest.approx(3 / 4)
+    assert at50["mean_matched_iou"] == pytest.approx((3 / 4 + 2 / 3 + 1 / 2) / 3)
+    assert (at75["tp"], at75["fp"], at75["fn"]) == (1, 3, 2)
+    assert at75["precision"] == pytest.approx(1 / 4)
+    assert at75["recall"] == pytest.approx(1 / 3)
+    assert at75["f1"] == pytest.approx(2 / 7)
+    assert at75["ap"] == pytest.approx(1 / 6)
+    # t=0.50: 3/4; 0.55-0.65: TP 2 -> 2/5; 0.70-0.75: TP 1 -> 1/6; 0.80-0.95: 0.
+    assert s["mean_ap"] == pytest.approx((3 / 4 + 3 * 2 / 5 + 2 * 1 / 6) / 10)
+
+
+def test_one_to_one_matching():
+    # Ground truth 1 split into two predictions, each exactly half: IoU 0.5 with both;
+    # only one may match.
+    gt = np.array([1, 1, 1, 1], np.uint8).reshape(1, 1, 4)
+    pred = np.array([1, 1, 2, 2], np.uint8).reshape(1, 1, 4)
+    c = Contingency()
+    c.update(gt, pred)
+    s = instance_scores(c.tables(), (0.5,))["thresholds"]["0.5"]
+    assert (s["tp"], s["fp"], s["fn"]) == (1, 1, 0)
+
+
+def test_empty_volumes_are_perfect():
+    z = np.zeros((2, 2, 2), np.uint16)
+    c = Contingency()
+    c.update(z, z)
+    s = instance_scores(c.tables())
+    assert s["thresholds"]["0.5"]["ap"] == 1.0 and s["mean_ap"] == 1.0
+    sc = SemanticCounts()
+    sc.update(z > 0, z > 0)
+    assert sc.scores()["dice"] == 1.0
+
+
+def test_evaluate_arrays_uint8_and_float(tmp_path):
+    base = str(tmp_path / "d.zarr")
+    gt = _write(storage.join_url(base, storage.LABEL_PATHS["mito"]), GT)
+    p8 = _write(storage.join_url(base, storage.prediction_path("mito")), PROB)
+    pf = _write(storage.join_url(base, "volumes/predictions/float"), PROB.astype(np.float32) / 255)
+    inst = _write(storage.join_url(base, storage.INSTANCES_PATH), INST)
+    r8 = evaluate(gt, p8, inst, block_shape=(1, 1, 3))
+    rf = evaluate(gt, pf, None)
+    assert r8["semantic"]["dice"] == pytest.approx(0.5) == rf["semantic"]["dice"]
+    assert r8["instances"]["thresholds"]["0.75"]["ap"] == pytest.approx(1 / 6)
+    # A dataset URL finds the truth and the default outputs itself.
+    rd = evaluate(base)
+    assert rd["semantic"]["counts"] == r8["semantic"]["counts"]
+    assert rd["instances"] == r8["instances"]
+    text = format_report(rd)
+    assert "foreground" in text and "0.75" in text and "AP = TP / (TP + FP + FN)" in text
+
+
+def _random_labels(rng, shape, n, max_len=6):
+    out = np.zeros(shape, np.uint64)
+    for i in range(1, n + 1):
+        lo = [int(rng.integers(0, s)) for s in shape]
+        hi = [min(s, a + int(rng.integers(1, max_len))) for a, s in zip(lo, shape)]
+        out[tuple(slice(a, b) for a, b in zip(lo, hi))] = i * 1_000_003  # large, sparse ids
+    return out
+
+
+def test_block_shape_independence(tmp_path):
+    rng = np.random.default_rng(3)
+    shape = (9, 14, 11)
+    gt = _random_labels(rng, shape, 25).astype(np.uint32)
+    inst = np.roll(_random_labels(np.random.default_rng(3), shape, 25), 1, axis=2)  # shifted copy
+    inst[rng.random(shape) < 0.05] = 7  # plus noise objects
+    prob = rng.random(shape).astype(np.float32)
+    prob[gt != 0] = np.clip(prob[gt != 0] + 0.4, 0, 1)
+    base = str(tmp_path / "r.zarr")
+    g = _write(storage.join_url(base, "gt"), gt, chunks=(3, 7, 11))
+    p = _write(storage.join_url(base, "p"), prob, chunks=(3, 7, 11))
+    i = _write(storage.join_url(base, "i"), inst, chunks=(3, 7, 11))
+    reports = [evaluate(g, p, i, block_shape=bs) for bs in [(9, 14, 11), (3, 7, 11), (2, 5, 4), (1, 1, 11)]]
+    for r in reports[1:]:
+        assert r["semantic"] == reports[0]["semantic"]
+        assert r["instances"] == reports[0]["instances"]
+    assert 0 < reports[0]["instances"]["thresholds"]["0.5"]["tp"] < reports[0]["instances"]["n_gt"]
+
+
+def test_contingency_compaction_is_exact():
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 50, (6, 8, 8))
+    pred = rng.integers(0, 40, (6, 8, 8))
+    whole = Contingency()
+    whole.update(gt, pred)
+    pieces = Contingency(compact_every=10)
+    for z in range(6):
+        pieces.update(gt[z], pred[z])
+    a, b = whole.tables(), pieces.tables()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_mismatched_shapes_are_refused(tmp_path):
+    base = str(tmp_path / "m.zarr")
+    g = _write(storage.join_url(base, "gt"), GT)
+    p = _write(storage.join_url(base, "p"), np.zeros((1, 1, 5), np.uint8))
+    with pytest.raises(DataError, match="shape"):
+        evaluate(g, p)
+    with pytest.raises(DataError, match="give --prediction"):
+        evaluate(g)
+    q = _write(storage.join_url(base, "q"), PROB, resolution=(4, 4, 4))
+    with pytest.raises(DataError, match="resolution"):
+        evaluate(g, q)
+
+
+def test_cli_evaluate_writes_json(tmp_path, capsys):
+    from catena_mito.cli import main
+
+    base = str(tmp_path / "c.zarr")
+    gt = _write(storage.join_url(base, storage.LABEL_PATHS["mito"]), GT)
+    p = _write(storage.join_url(base, storage.prediction_path("mito")), PROB)
+    i = _write(storage.join_url(base, storage.INSTANCES_PATH), INST)
+    out = str(tmp_path / "out" / "scores.json")
+    main(["evaluate", "--gt", gt, "--prediction", p, "--instances", i, "--json", out,
+          "--block-shape", "1", "1", "4"])
+    report = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert report["semantic"]["iou"] == pytest.approx(1 / 3)
+    assert report["instances"]["thresholds"]["0.5"]["f1"] == pytest.approx(6 / 7)
+    assert "mean AP" in capsys.readouterr().out
