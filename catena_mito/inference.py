@@ -1,0 +1,341 @@
+"""Sliding-window inference on a global window grid, whole-volume or block by block.
+
+The **window grid** is global: per axis the window starts are ``0, stride, 2·stride, …``
+while a window still fits, plus a last window flush with the far edge
+(``start = size - patch``), so every voxel is covered and no window leaves the volume::
+
+    size = 10, patch = 4, stride = 3:   starts 0, 3, 6   (6 + 4 = 10, flush)
+    size = 11, patch = 4, stride = 3:   starts 0, 3, 6, 7
+
+A volume smaller than the patch in some axis is refused with a :class:`DataError`
+(padding would feed the model content it never saw in training and make the border
+depend on the padding rule); use a smaller ``patch_size``.
+
+Each window's foreground probability (softmax channel 1; sigmoid for one output channel)
+is weighted by a Gaussian importance map (as MONAI's ``gaussian`` mode: sigma = 0.125 ×
+patch per axis, maximum 1, clamped below at 1e-3 so corner voxels keep a usable weight),
+and the output is ``Σ w·p / Σ w`` over the windows covering a voxel.
+
+**Block independence, bitwise.** A block computes exactly the windows of the global grid
+that intersect its write region (its read region is the union of those windows) and
+accumulates only the window ∩ write-region part, in float64, iterating windows in the one
+global C order (z start, y start, x start). A voxel's sum is thus over the same windows
+added in the same order whichever block computes it. The model itself must give a window
+the same output whatever else is in its batch: we always run full batches of
+``batch_size`` (the last one padded by repeating a window), because PyTorch's CPU
+convolutions take a different code path for a batch of one than for larger batches.
+:func:`sliding_window_predict` (whole volume, in memory) is the same code with one block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from catena_mito.errors import ConfigError, DataError
+from catena_mito.geometry import Coord, Roi, as_coord
+
+#: Gaussian sigma as a fraction of the patch size (MONAI's default).
+SIGMA_SCALE = 0.125
+#: Lowest importance weight, so border voxels covered only by window edges stay defined.
+MIN_WEIGHT = 1e-3
+TTA_MODES = ("none", "flips")
+
+
+# --- the window grid ------------------------------------------------------------------------
+
+
+def window_starts(size: int, patch: int, stride: int) -> list[int]:
+    """Window starts along one axis (voxels): ``0, stride, …`` and one flush with the end."""
+    if patch > size:
+        raise DataError(f"volume size {size} is smaller than the patch {patch}")
+    starts = list(range(0, size - patch, stride))
+    starts.append(size - patch)
+    return starts
+
+
+@dataclass(frozen=True)
+class WindowGrid:
+    """The global grid of sliding windows over a volume (voxels, z, y, x)."""
+
+    volume_shape: Coord
+    patch_size: Coord
+    stride: Coord
+
+    def __post_init__(self) -> None:
+        for name in ("volume_shape", "patch_size", "stride"):
+            object.__setattr__(self, name, as_coord(getattr(self, name), name))
+        if any(s <= 0 for s in self.stride) or any(p <= 0 for p in self.patch_size):
+            raise ConfigError(f"patch_size {list(self.patch_size)} and stride {list(self.stride)} must be positive")
+        if any(s > p for s, p in zip(self.stride, self.patch_size)):
+            raise ConfigError(
+                f"stride {list(self.stride)} must be <= patch_size {list(self.patch_size)} in every axis"
+            )
+        small = [a for a, v, p in zip("zyx", self.volume_shape, self.patch_size) if v < p]
+        if small:
+            raise DataError(
+                f"volume shape {list(self.volume_shape)} (z, y, x, at the model resolution) is smaller "
+                f"than patch_size {list(self.patch_size)} in axis {', '.join(small)}; "
+                "use a smaller patch_size (a multiple of the model's down-sampling factor)"
+            )
+
+    def starts(self, axis: int) -> list[int]:
+        return window_starts(self.volume_shape[axis], self.patch_size[axis], self.stride[axis])
+
+    @property
+    def num_windows(self) -> int:
+        return math.prod(len(self.starts(a)) for a in range(3))
+
+    def _axis_intersecting(self, axis: int, begin: int, end: int) -> list[int]:
+        p = self.patch_size[axis]
+        return [s for s in self.starts(axis) if s < end and s + p > begin]
+
+    def windows(self, roi: Roi | None = None) -> list[Roi]:
+        """Windows intersecting ``roi`` (all when None), in global C order (z, y, x starts)."""
+        roi = Roi.from_shape(self.volume_shape) if roi is None else roi
+        per_axis = [self._axis_intersecting(a, roi.begin[a], roi.end[a]) for a in range(3)]
+        return [
+            Roi((z, y, x), self.patch_size)
+            for z in per_axis[0]
+            for y in per_axis[1]
+            for x in per_axis[2]
+        ]
+
+    def read_roi(self, roi: Roi) -> Roi:
+        """Union of the windows intersecting ``roi``: what a block writing ``roi`` must read."""
+        bounds = []
+        for a in range(3):
+            starts = self._axis_intersecting(a, roi.begin[a], roi.end[a])
+            if not starts:
+                return Roi(roi.offset, (0, 0, 0))
+            bounds.append((starts[0], starts[-1] + self.patch_size[a]))
+        return Roi.from_bounds([b for b, _ in bounds], [e for _, e in bounds])
+
+
+def importance_map(patch_size: Sequence[int], sigma_scale: float = SIGMA_SCALE) -> np.ndarray:
+    """Gaussian weights of one window (z, y, x), float64, max 1, min ``MIN_WEIGHT``."""
+    axes = []
+    for p in as_coord(patch_size):
+        sigma = max(sigma_scale * p, 1e-6)
+        x = np.arange(p, dtype=np.float64) - (p - 1) / 2.0
+        axes.append(np.exp(-0.5 * (x / sigma) ** 2))
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    w /= w.max()
+    return np.maximum(w, MIN_WEIGHT)
+
+
+# --- running the model -----------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was requested but no CUDA device is available; use 'auto' or 'cpu'")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda', got {device!r}")
+    return device
+
+
+class ModelRunner:
+    """Runs a segmentation model on batches of windows and returns foreground probabilities.
+
+    ``model`` maps ``(N, 1, pz, py, px)`` float input to ``(N, C, pz, py, px)`` logits (or
+    any callable doing so). The runner puts a module in eval mode, runs under
+    ``torch.inference_mode``, always in full batches of ``batch_size`` (padding the last
+    one) so a window's result does not depend on its batch, and returns softmax channel 1
+    (sigmoid when ``C == 1``) as float32.
+
+    ``amp``: bf16 autocast on CUDA; on CPU it has no effect (CPU bf16 is slow on most
+    hardware and would change results). ``tta="flips"``: the mean over the identity and
+    the in-plane flips y, x and yx, in that fixed order.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        batch_size: int = 2,
+        device: str = "cpu",
+        amp: bool = False,
+        tta: str = "none",
+    ):
+        import torch
+
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if tta not in TTA_MODES:
+            raise ConfigError(f"tta: expected one of {', '.join(TTA_MODES)}, got {tta!r}")
+        self.device = resolve_device(device)
+        if isinstance(model, torch.nn.Module):
+            model = model.to(self.device).eval()
+        self.model = model
+        self.batch_size = int(batch_size)
+        self.amp = bool(amp) and self.device.startswith("cuda")
+        self.tta = tta
+        self.forward_calls = 0
+        self.windows_run = 0
+
+    def _logits(self, x: Any) -> Any:
+        import torch
+
+        self.forward_calls += 1
+        if self.amp:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = self.model(x)
+        else:
+            logits = self.model(x)
+        if logits.ndim != 5 or logits.shape[0] != x.shape[0] or logits.shape[2:] != x.shape[2:]:
+            raise DataError(
+                f"the model returned shape {list(logits.shape)} for input {list(x.shape)}; "
+                "expected (N, C, z, y, x) with the input's N and spatial shape"
+            )
+        return logits.float()
+
+    @staticmethod
+    def _probability(logits: Any) -> np.ndarray:
+        """Foreground probability (z, y, x) of ONE window's logits (C, z, y, x).
+
+        Done window by window on a fresh contiguous tensor: PyTorch's vectorised
+        transcendental kernels (exp in softmax/sigmoid) split a tensor into SIMD lanes and
+        thread chunks by flat position, so the same voxel could be rounded differently at
+        another batch position. Add/multiply/divide are exactly rounded either way.
+        """
+        import torch
+
+        one = logits.contiguous()[None]
+        p = torch.sigmoid(one[:, 0]) if one.shape[1] == 1 else torch.softmax(one, dim=1)[:, 1]
+        return p[0].cpu().numpy()
+
+    def _predict_batch(self, x: Any, real: int) -> list[np.ndarray]:
+        logits = self._logits(x)
+        probs = [self._probability(logits[i]) for i in range(real)]
+        if self.tta == "none":
+            return probs
+        for dims in ((3,), (4,), (3, 4)):  # in-plane flips y, x, yx of (N, 1, z, y, x)
+            back = self._logits(x.flip(dims)).flip(dims)
+            for i in range(real):
+                probs[i] = probs[i] + self._probability(back[i])
+        return [p / np.float32(4.0) for p in probs]
+
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        """Probabilities (N, pz, py, px) float32 of windows (N, pz, py, px) float32."""
+        import torch
+
+        n = len(windows)
+        out = np.empty(windows.shape, dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, n, self.batch_size):
+                batch = windows[start : start + self.batch_size]
+                real = len(batch)
+                if real < self.batch_size:  # pad: the batch size must never vary
+                    pad = np.repeat(batch[-1:], self.batch_size - real, axis=0)
+                    batch = np.concatenate([batch, pad], axis=0)
+                x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None]
+                x = x.to(self.device, non_blocking=True)
+                for i, p in enumerate(self._predict_batch(x, real)):
+                    out[start + i] = p
+                self.windows_run += real
+        return out
+
+
+# --- blending -------------------------------------------------------------------------------
+
+
+def predict_region(
+    runner: Callable[[np.ndarray], np.ndarray],
+    read_fn: Callable[[Roi], np.ndarray],
+    write_roi: Roi,
+    grid: WindowGrid,
+    batch_size: int | None = None,
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """Blended probabilities (float32, shape ``write_roi.shape``) of one region.
+
+    Runs every window of ``grid`` that intersects ``write_roi`` (model grid, voxels z, y, x),
+    reading their union once through ``read_fn(roi) -> float32 array`` (preprocessed input),
+    and accumulates ``w·p`` and ``w`` over the window ∩ ``write_roi`` part in float64, in
+    the global window order: the result for a voxel is bitwise the same for any
+    ``write_roi`` containing it. Windows are handed to ``runner`` ``batch_size`` at a time
+    (default: ``runner.batch_size``, else 2) so memory stays ``O(batch × patch)``.
+    """
+    windows = grid.windows(write_roi)
+    if not windows:
+        raise ValueError(f"no window intersects {write_roi}")
+    read_roi = grid.read_roi(write_roi)
+    data = np.asarray(read_fn(read_roi), dtype=np.float32)
+    if data.shape != read_roi.shape:
+        raise ValueError(f"read_fn returned shape {data.shape} for region {read_roi}")
+    w = importance_map(grid.patch_size) if weights is None else weights
+    num = np.zeros(write_roi.shape, dtype=np.float64)
+    den = np.zeros(write_roi.shape, dtype=np.float64)
+    step = batch_size or getattr(runner, "batch_size", 2)
+    for group in _chunks(windows, step):
+        patches = np.stack([data[win.to_slices(read_roi)] for win in group])
+        probs = runner(patches)
+        for win, p in zip(group, probs):
+            part = win.intersect(write_roi)
+            in_win = part.to_slices(win)
+            in_out = part.to_slices(write_roi)
+            wp = w[in_win]
+            num[in_out] += wp * p[in_win]
+            den[in_out] += wp
+    return (num / den).astype(np.float32)
+
+
+def _chunks(items: Sequence[Roi], size: int) -> Iterator[Sequence[Roi]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def predict_block(
+    runner: Callable[[np.ndarray], np.ndarray],
+    read_fn: Callable[[Roi], np.ndarray],
+    block: Any,
+    grid: WindowGrid,
+) -> np.ndarray:
+    """Probabilities of a :class:`~catena_mito.geometry.Block`'s write region (model grid).
+
+    The block's own ``read_roi`` is not used: the read region is the union of the windows
+    that touch the write region (:meth:`WindowGrid.read_roi`).
+    """
+    return predict_region(runner, read_fn, block.write_roi, grid)
+
+
+def sliding_window_predict(
+    model: Any,
+    volume: np.ndarray,
+    patch_size: Sequence[int],
+    stride: Sequence[int] | None = None,
+    batch_size: int = 2,
+    device: str = "cpu",
+    amp: bool = False,
+    tta: str = "none",
+) -> np.ndarray:
+    """Foreground probabilities (z, y, x) float32 of a whole, already preprocessed volume.
+
+    ``volume`` is float32 (z, y, x) on the model grid (see
+    :func:`catena_mito.preprocess.preprocess_volume`); ``patch_size``/``stride`` in voxels
+    (stride defaults to half the patch). The reference for block-wise prediction, which
+    gives bitwise the same values.
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise DataError(f"expected a (z, y, x) volume, got shape {list(volume.shape)}")
+    patch = as_coord(patch_size, "patch_size")
+    stride = as_coord(stride, "stride") if stride is not None else default_stride(patch)
+    grid = WindowGrid(volume.shape, patch, stride)  # type: ignore[arg-type]
+    runner = ModelRunner(model, batch_size=batch_size, device=device, amp=amp, tta=tta)
+    vol = volume.astype(np.float32, copy=False)
+    return predict_region(runner, lambda roi: vol[roi.to_slices()], Roi.from_shape(vol.shape), grid)
+
+
+def default_stride(patch_size: Sequence[int]) -> Coord:
+    """Half the patch (at least 1) per axis."""
+    return tuple(max(1, p // 2) for p in as_coord(patch_size))  # type: ignore[return-value]
