@@ -166,6 +166,35 @@ def evaluate(gt: str, prediction: str | None, instances: str | None, threshold: 
         click.echo(f"wrote {json_url}")
 
 
+@cli.command("import")
+@click.argument("source", metavar="SOURCE")
+@click.option("--to", "to", required=True, metavar="DATASET_URL", help="Zarr dataset (group) to write into; created if missing.")
+@click.option("--as", "as_", type=click.Choice(["raw", "mito_ids", "neuron_ids", "mito_instances"]), default="raw", show_default=True, help="What the volume is; sets its layout path (volumes/raw, volumes/labels/...).")
+@click.option("--resolution", nargs=3, type=float, default=None, help="Voxel size Z Y X (nm); default: from the source metadata (required if it has none).")
+@click.option("--offset", nargs=3, type=float, default=None, help="Offset Z Y X (nm); default: from the source metadata, else 0.")
+@click.option("--chunks", nargs=3, type=int, default=(64, 64, 64), show_default=True, help="Zarr chunk shape Z Y X; the copy goes in slabs of Z slices.")
+@click.option("--zarr-format", type=click.Choice(["2", "3"]), default=None, help="Format of a new dataset (default 3; an existing one keeps its own).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing, incompatible array.")
+def import_cmd(source: str, to: str, as_: str, resolution: tuple[float, float, float] | None, offset: tuple[float, float, float] | None, chunks: tuple[int, int, int], zarr_format: str | None, overwrite: bool) -> None:
+    """Copy a TIFF folder/stack, an HDF5 dataset (FILE.h5:/path) or a .npy into a dataset, block by block."""
+    from catena_mito.convert import import_volume
+
+    url = import_volume(source, to, as_, resolution=resolution, offset=offset, chunks=chunks, overwrite=overwrite, zarr_format=int(zarr_format) if zarr_format else None, progress=sys.stderr.isatty())
+    click.echo(f"wrote {url}")
+
+
+@cli.command()
+@click.argument("array", metavar="ARRAY_URL")
+@click.argument("out", metavar="OUT_TIFF_URL")
+@click.option("--max-gib", type=float, default=None, help="Refuse volumes above this size (default: a quarter of the free memory).")
+def export(array: str, out: str, max_gib: float | None) -> None:
+    """Write a Zarr array as a multi-page TIFF with its resolution (the volume must fit in memory)."""
+    from catena_mito.convert import export_tiff
+
+    export_tiff(array, out, max_bytes=int(max_gib * 2**30) if max_gib is not None else None)
+    click.echo(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning library errors into one line and an exit code."""
     from catena_mito.errors import CatenaError
