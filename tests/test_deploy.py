@@ -366,6 +366,7 @@ def run_script(tmp_path: Path, script: Path, *args: str, env: dict[str, str] | N
         ("label-blocks.sbatch", ["label", "--phase", "blocks"], False),
         ("label-merge.sbatch", ["label", "--phase", "merge"], False),
         ("label-relabel.sbatch", ["label", "--phase", "relabel"], False),
+        ("label-clean.sbatch", ["label", "--phase", "clean"], False),
     ],
 )
 def test_sbatch_scripts_run_the_image_with_shards_from_slurm(tmp_path, script, subcommand, gpu):
@@ -413,11 +414,12 @@ def test_label_sh_chains_the_phases_with_dependencies(tmp_path):
     )
     result = run_script(tmp_path, REPO / "jobs/slurm/label.sh", "cfg.yaml", "4")
     assert result.returncode == 0, result.stderr
-    blocks, merge, relabel = log.read_text().splitlines()
+    blocks, merge, relabel, clean = log.read_text().splitlines()
     assert "--array=0-3" in blocks and "label-blocks.sbatch cfg.yaml" in blocks
     assert "--dependency=afterok:1001 " in merge and "label-merge.sbatch cfg.yaml" in merge
     assert "--dependency=afterok:1002 " in relabel and "--array=0-3" in relabel
     assert "label-relabel.sbatch cfg.yaml" in relabel
+    assert "--dependency=afterok:1003 " in clean and "label-clean.sbatch cfg.yaml" in clean
 
 
 def test_label_sh_rejects_a_bad_shard_count(tmp_path):
@@ -515,3 +517,94 @@ def test_apptainer_recipe_parses():
     help_section = text.split("%help", 1)[1].split("\n%", 1)[0]
     assert "apptainer run --nv catena.sif predict --config" in help_section
     assert "--bind" in help_section
+
+
+# --- the label Jobs, run as Kubernetes runs them ------------------------------------------
+
+
+def label_job_args() -> dict[str, tuple[list[str], dict[str, str], int]]:
+    """phase -> (args after `catena-mito`, env set by the manifest, completions)."""
+    out = {}
+    for job in (d for d in load_docs(REPO / "k8s" / "label-job.yaml") if d["kind"] == "Job"):
+        (c,) = job["spec"]["template"]["spec"]["containers"]
+        env = {k: e["value"] for k, e in env_of(c).items() if "value" in e}
+        phase = c["args"][c["args"].index("--phase") + 1]
+        out[phase] = (c["args"], env, job["spec"].get("completions", 1))
+    return out
+
+
+@pytest.mark.slow
+def test_label_jobs_started_together_finish_in_order(tmp_path):
+    """Start every pod of k8s/label-job.yaml at once, the waiting ones first, with the
+    manifest's own args and env (shard index from JOB_COMPLETION_INDEX only), on a
+    volume in many blocks: all exit 0 and the result equals a single `--phase all` run."""
+    import numpy as np
+    import zarr
+
+    rng = np.random.default_rng(0)
+    prob = (rng.random((24, 40, 40)) > 0.95).astype("uint8") * 255
+    store = tmp_path / "pred.zarr"
+    zarr.open_array(str(store), mode="w", shape=prob.shape, chunks=(8, 8, 8), dtype="uint8")[:] = (
+        prob
+    )
+
+    def config(name: str) -> Path:
+        text = (REPO / "jobs" / "local" / "label.yaml").read_text()
+        cfg = yaml.safe_load(text)
+        cfg.update(
+            input_prediction_path=str(store),
+            output_instance_dir=str(tmp_path / name),
+            chunk_size=[8, 16, 16],
+            thres_small_instances=3,
+        )
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    cli = venv_tool("catena-mito")
+    base_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CATENA_", "JOB_"))
+    }
+
+    reference = subprocess.run(
+        [cli, "label", "--config", str(config("single")), "--phase", "all"],
+        capture_output=True,
+        text=True,
+        env=base_env,
+    )
+    assert reference.returncode == 0, reference.stderr
+
+    sharded_cfg = config("sharded")
+    jobs_ = label_job_args()
+    procs = []
+    # Waiting phases first, so they really have to wait for the markers.
+    for phase in ("relabel", "merge", "blocks"):
+        args, env, completions = jobs_[phase]
+        args = [a if not a.startswith("/etc/catena/") else str(sharded_cfg) for a in args]
+        if "--wait-timeout" in args:
+            args[args.index("--wait-timeout") + 1] = "120"
+        for index in range(completions):
+            pod_env = {**base_env, **env}
+            if completions > 1:
+                pod_env["JOB_COMPLETION_INDEX"] = str(index)
+            procs.append(
+                (
+                    phase,
+                    index,
+                    subprocess.Popen(
+                        [cli, *args],
+                        env=pod_env,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    ),
+                )
+            )
+    for phase, index, proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{phase} {index}: {err[-2000:]}"
+
+    single = zarr.open_array(str(tmp_path / "single" / "mito_instances"), mode="r")[:]
+    sharded = zarr.open_array(str(tmp_path / "sharded" / "mito_instances"), mode="r")[:]
+    assert single.max() > 10  # many objects, many crossing block faces
+    np.testing.assert_array_equal(sharded, single)

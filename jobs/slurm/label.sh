@@ -1,7 +1,8 @@
 #!/bin/bash
-# Submit the three label phases as Slurm jobs chained by dependencies, then return:
+# Submit the label phases as Slurm jobs chained by dependencies, then return:
 #   jobs/slurm/label.sh [CONFIG] [SHARDS]      (defaults: jobs/s3/label.yaml, 8)
-# blocks (array of SHARDS) --afterok--> merge (one job) --afterok--> relabel (array of SHARDS)
+# blocks (array of SHARDS) --afterok--> merge (one job) --afterok--> relabel (array of
+# SHARDS) --afterok--> clean (one job: summary, intermediate files removed)
 # If a phase fails, the later ones stay pending with reason DependencyNeverSatisfied;
 # cancel them (scancel), fix the cause and run this script again: done blocks are skipped.
 # Environment knobs (CATENA_SIF, CATENA_BIND, AWS_*) are passed on by sbatch.
@@ -24,9 +25,11 @@ blocks=$(submit --array="0-$((SHARDS - 1))" "$HERE/label-blocks.sbatch" "$CONFIG
 merge=$(submit --dependency="afterok:$blocks" "$HERE/label-merge.sbatch" "$CONFIG")
 relabel=$(submit --dependency="afterok:$merge" --array="0-$((SHARDS - 1))" \
     "$HERE/label-relabel.sbatch" "$CONFIG")
+clean=$(submit --dependency="afterok:$relabel" "$HERE/label-clean.sbatch" "$CONFIG")
 
 echo "submitted label for $CONFIG in $SHARDS shards:"
 echo "  blocks  $blocks"
 echo "  merge   $merge   (after blocks)"
 echo "  relabel $relabel (after merge)"
-echo "watch with: squeue -j $blocks,$merge,$relabel"
+echo "  clean   $clean   (after relabel)"
+echo "watch with: squeue -j $blocks,$merge,$relabel,$clean"
