@@ -195,6 +195,22 @@ def export(array: str, out: str, max_gib: float | None) -> None:
     click.echo(f"wrote {out}")
 
 
+@cli.command()
+@click.argument("dataset", metavar="DATASET_URL", required=False)
+@click.option("--out", "out", required=True, metavar="URL_PREFIX", help="Prefix of the PNG names (a folder ending in / or any prefix; any fsspec URL).")
+@click.option("--z", "z", type=int, multiple=True, help="Slice index to draw (voxels). Repeatable; default: the middle slice.")
+@click.option("--raw", metavar="ARRAY_URL", default=None, help="Raw array (default: the dataset's volumes/raw).")
+@click.option("--prediction", metavar="ARRAY_URL", default=None, help="Probabilities (default: the dataset's volumes/predictions/mito).")
+@click.option("--instances", metavar="ARRAY_URL", default=None, help="Instance ids (default: the dataset's volumes/labels/mito_instances).")
+@click.option("--no-ortho", is_flag=True, help="Skip the yz and xz planes through the centre.")
+def preview(dataset: str | None, out: str, z: tuple[int, ...], raw: str | None, prediction: str | None, instances: str | None, no_ortho: bool) -> None:
+    """Write PNGs of raw, probabilities and outlined instances for z slices and the yz/xz centre planes."""
+    from catena_mito.preview import preview as run
+
+    for url in run(dataset, out, raw=raw, prediction=prediction, instances=instances, z=z, orthogonal=not no_ortho):
+        click.echo(f"wrote {url}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning library errors into one line and an exit code."""
     from catena_mito.errors import CatenaError
