@@ -1,0 +1,133 @@
+"""Storage: URLs to Zarr (local, memory, S3), both Zarr formats, compatibility, TIFF."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import zarr
+
+from catena_mito import storage
+from catena_mito.errors import DataError, StorageError
+
+
+@pytest.fixture(params=["local", "memory"])
+def store_url(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "data.zarr")
+    return f"memory://storage-{uuid.uuid4().hex}.zarr"
+
+
+def test_create_write_read_roundtrip_with_spatial_attrs(store_url):
+    url = storage.join_url(store_url, storage.RAW_PATH)
+    data = np.arange(6 * 7 * 8, dtype=np.uint8).reshape(6, 7, 8)
+    arr = storage.create_array(url, data.shape, np.uint8, (4, 4, 4),
+                               attrs=storage.spatial_attrs((8, 4, 4), (0, 40, 80)))
+    arr[:] = data
+    again = storage.open_volume(url)
+    np.testing.assert_array_equal(again[:], data)
+    assert storage.read_spatial(again) == ((8.0, 4.0, 4.0), (0.0, 40.0, 80.0))
+    # the parent groups exist, so the whole layout opens as a group
+    group = storage.open_group(store_url)
+    assert "raw" in group["volumes"]
+
+
+def test_reopen_compatible_and_refuse_incompatible(store_url):
+    url = storage.join_url(store_url, storage.prediction_path("mito"))
+    a = storage.create_array(url, (8, 8, 8), "uint8", (4, 4, 4))
+    a[:] = 7
+    # the same geometry is reused: what is there stays (resume, concurrent shards)
+    b = storage.create_array(url, (8, 8, 8), "uint8", (4, 4, 4))
+    assert b[0, 0, 0] == 7
+    for kwargs, what in [
+        (dict(shape=(8, 8, 9), dtype="uint8", chunks=(4, 4, 4)), "shape"),
+        (dict(shape=(8, 8, 8), dtype="float32", chunks=(4, 4, 4)), "dtype"),
+        (dict(shape=(8, 8, 8), dtype="uint8", chunks=(8, 8, 8)), "chunks"),
+    ]:
+        with pytest.raises(StorageError, match=f"exists and is incompatible.*{what}.*--overwrite"):
+            storage.create_array(url, **kwargs)
+    c = storage.create_array(url, (8, 8, 9), "uint8", (4, 4, 4), overwrite=True)
+    assert c.shape == (8, 8, 9) and c[0, 0, 0] == 0
+
+
+def test_reads_zarr_format_2(tmp_path):
+    path = str(tmp_path / "v2.zarr")
+    root = zarr.open_group(path, mode="w", zarr_format=2)
+    raw = root.create_array("volumes/raw", shape=(4, 5, 6), dtype="uint8", chunks=(2, 2, 2))
+    raw[:] = 3
+    raw.attrs["resolution"] = [4, 4, 4]
+    arr = storage.open_volume(storage.join_url(path, storage.RAW_PATH))
+    assert arr.metadata.zarr_format == 2 and int(arr[1, 2, 3]) == 3
+    assert storage.read_spatial(arr)[0] == (4.0, 4.0, 4.0)
+    # outputs added to a format-2 store keep its format
+    out = storage.create_array(storage.join_url(path, storage.INSTANCES_PATH), (4, 5, 6), "uint32", (2, 2, 2))
+    assert out.metadata.zarr_format == 2
+
+
+def test_errors_name_the_url(tmp_path):
+    with pytest.raises(StorageError, match="nothing.zarr.*does not exist"):
+        storage.open_array(str(tmp_path / "nothing.zarr"))
+    with pytest.raises(StorageError, match="unsupported URL scheme 'gopher'"):
+        storage.open_array("gopher://host/x.zarr")
+    path = str(tmp_path / "g.zarr")
+    storage.create_array(storage.join_url(path, "volumes/raw"), (2, 2, 2), "uint8", (2, 2, 2))
+    with pytest.raises(StorageError, match="is a Zarr group, expected an array"):
+        storage.open_array(storage.join_url(path, "volumes"))
+    flat = storage.create_array(str(tmp_path / "flat.zarr"), (4, 4), "uint8", (2, 2))
+    assert flat.ndim == 2
+    with pytest.raises(DataError, match=r"2 dimensions \[4, 4\], expected 3"):
+        storage.open_volume(str(tmp_path / "flat.zarr"))
+
+
+def test_tiff_roundtrip_keeps_resolution(tmp_path):
+    data = np.random.default_rng(0).integers(0, 2**20, (3, 5, 7), dtype=np.uint32)
+    url = str(tmp_path / "sub" / "v.tif")
+    storage.write_tiff(url, data, resolution=(30, 4, 4), offset=(0, 8, 8))
+    back, meta = storage.read_tiff(url)
+    np.testing.assert_array_equal(back, data)
+    assert meta == {"resolution": [30.0, 4.0, 4.0], "offset": [0.0, 8.0, 8.0]}
+
+
+def test_storage_options_fill_from_aws_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAENV")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envsecret")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    opts = storage.resolve_storage_options("s3://b/x.zarr")
+    assert opts == {"key": "AKIAENV", "secret": "envsecret", "endpoint_url": "http://127.0.0.1:9"}
+    # explicit options win; local URLs get nothing from the environment
+    assert storage.resolve_storage_options("s3://b/x", {"key": "k", "secret": "s"})["key"] == "k"
+    assert storage.resolve_storage_options("/tmp/x.zarr") == {}
+
+
+def test_redact_url():
+    assert storage.redact_url("s3://AKIA:secret@bucket/x") == "s3://***@bucket/x"
+    assert storage.redact_url("/plain/path") == "/plain/path"
+
+
+@pytest.mark.s3
+def test_s3_roundtrip_zarr_and_config(s3_server, monkeypatch):
+    from catena_mito.config import TrainConfig, load_config
+
+    bucket = s3_server.make_bucket()
+    opts = s3_server.storage_options
+    url = f"s3://{bucket}/data.zarr/{storage.RAW_PATH}"
+    data = np.random.default_rng(1).integers(0, 255, (9, 10, 11), dtype=np.uint8)
+    arr = storage.create_array(url, data.shape, "uint8", (4, 4, 4), attrs=storage.spatial_attrs((8, 8, 8)),
+                               storage_options=opts)
+    arr[:] = data
+    np.testing.assert_array_equal(storage.open_volume(url, opts)[:], data)
+    assert "raw" in storage.open_group(f"s3://{bucket}/data.zarr", storage_options=opts)["volumes"]
+
+    # a config read from S3, credentials from the standard environment variables
+    storage.write_bytes(f"s3://{bucket}/train.yaml", b"train_zarr_dirs: [s3://b/x.zarr]\nepochs: 2\n", opts)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    assert load_config(TrainConfig, f"s3://{bucket}/train.yaml").epochs == 2
+
+    # credentials are enforced: a wrong secret is refused, and never shown
+    bad = {**opts, "secret": "WRONG-SECRET-xyz"}
+    with pytest.raises(StorageError) as info:
+        storage.open_volume(url, bad)
+    assert "WRONG-SECRET-xyz" not in str(info.value)
