@@ -124,8 +124,8 @@ def predict(config_path: str, overrides: tuple[str, ...], shard_index: int | Non
 @_config_options
 @_shard_options
 @click.option(
-    "--phase", type=click.Choice(["all", "blocks", "merge", "relabel"]), default="all", show_default=True,
-    help="Run one phase (blocks and relabel are sharded; merge is one process) or all of them.",
+    "--phase", type=click.Choice(["all", "blocks", "merge", "relabel", "clean"]), default="all", show_default=True,
+    help="Run one phase (blocks and relabel are sharded; merge and clean are one process) or all of them.",
 )
 @click.option(
     "--wait-timeout", type=float, default=0.0, show_default=True, metavar="SECONDS",
