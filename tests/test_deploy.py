@@ -165,7 +165,7 @@ def test_job_pod_security_and_resources(item):
         # The config is mounted read-only from the ConfigMap and named on the command line.
         config_mounts = [m for m in c["volumeMounts"] if "configMap" in volumes[m["name"]]]
         assert config_mounts and all(m.get("readOnly") for m in config_mounts)
-        assert c["args"][1:3][0] == "--config"
+        assert c["args"][1] == "--config"
         assert c["args"][2].startswith(config_mounts[0]["mountPath"] + "/")
         assert c["image"].split(":")[-1] != "latest"
 
