@@ -28,7 +28,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
-from zarr.errors import GroupNotFoundError
+from zarr.errors import ContainsArrayError, GroupNotFoundError
 
 try:  # zarr >= 3.1 renamed the error for a missing array
     from zarr.errors import ArrayNotFoundError
@@ -232,7 +232,8 @@ def create_array(
     shape = tuple(int(s) for s in shape)
     chunks = tuple(int(c) for c in chunks)
     dtype = np.dtype(dtype)
-    if array_exists(url, storage_options):
+    existed = array_exists(url, storage_options)
+    if existed:
         existing = open_array(url, storage_options, mode="r+")
         problems = []
         if tuple(existing.shape) != shape:
@@ -263,18 +264,27 @@ def create_array(
                 )
             arr = root.create_array(
                 name=inner, shape=shape, dtype=dtype, chunks=chunks,
-                fill_value=fill_value, overwrite=True,
+                # Replace only an array seen to exist (incompatible + overwrite): a shard
+                # that creates a missing array must not wipe one a concurrent shard has
+                # just created and started writing into.
+                fill_value=fill_value, overwrite=existed,
                 **_dimension_names(root.metadata.zarr_format, len(shape)),
             )
         else:
             store = _store(url, storage_options, read_only=False)
             arr = zarr.create_array(
                 store=store, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill_value,
-                overwrite=True, zarr_format=zarr_format or 3,
+                overwrite=existed, zarr_format=zarr_format or 3,
                 **_dimension_names(zarr_format or 3, len(shape)),
             )
     except StorageError:
         raise
+    except ContainsArrayError:
+        # A concurrent shard created it between our check and our create: use theirs.
+        return create_array(
+            url, shape, dtype, chunks, overwrite=False, attrs=attrs,
+            storage_options=storage_options, zarr_format=zarr_format, fill_value=fill_value,
+        )
     except Exception as e:
         raise StorageError(f"cannot create {redact_url(url)!r}: {_describe(e)}") from e
     if attrs:
@@ -426,7 +436,14 @@ def write_ome_metadata(
     group_url, dataset_path = host
     attempts = 5
     for attempt in range(attempts + 1):  # the last pass only checks the last write
-        group = open_group(group_url, mode="a", storage_options=storage_options)
+        try:
+            group = open_group(group_url, mode="a", storage_options=storage_options)
+        except StorageError:
+            # Another shard may be creating the same array (and its parents) right now.
+            if attempt == attempts:
+                raise
+            time.sleep(0.05 * (attempt + 1) * (1 + random.random()))
+            continue
         fmt = group.metadata.zarr_format
         entry = ome_multiscale_entry(dataset_path, resolution, offset, "0.5" if fmt == 3 else "0.4")
         update = _merged_multiscales(group.attrs.asdict(), entry, fmt)
