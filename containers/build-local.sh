@@ -156,4 +156,5 @@ in_image label --config /jobs/local/label.yaml --phase merge
 for i in 0 1; do
     in_image label --config /jobs/local/label.yaml --phase relabel --shard-index "$i" --num-shards 2
 done
+in_image label --config /jobs/local/label.yaml --phase clean
 log "smoke test passed; outputs in $SMOKE; total $SECONDS s"
