@@ -124,6 +124,16 @@ def connected_components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarra
     """Provisional labels ``1..n`` of a binary block (deterministic), and ``n``."""
     if not mask.any():  # skip cc3d on empty blocks, the common case in sparse volumes
         return np.zeros(mask.shape, np.uint8), 0
+    if min(mask.shape) == 1:
+        # cc3d 4.1 under-allocates its union-find for 26-connected blocks one voxel thick
+        # ("Label 2 cannot be mapped to union-find array of length 2"), as the last block
+        # is when the volume is one voxel longer than a multiple of chunk_size; such thin
+        # blocks are cheap, so scipy labels them (deterministically, like cc3d)
+        from scipy import ndimage
+
+        rank = {6: 1, 18: 2, 26: 3}[connectivity]
+        labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, rank))
+        return labels.astype(np.uint32, copy=False), int(n)
     import cc3d
 
     labels, n = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
@@ -304,6 +314,10 @@ def _final_dtype(num_objects: int) -> np.dtype:
 # --- running blocks -------------------------------------------------------------------------
 
 
+#: Threads for small-file reads and writes in the merge (latency-bound on object stores).
+SMALL_FILE_THREADS = 16
+
+
 def default_threads() -> int:
     """Threads per process: block I/O and decompression overlap with compute."""
     return max(1, min(8, os.cpu_count() or 1))
@@ -349,7 +363,7 @@ def _run_parallel(
         bar.close()
 
 
-def _ordered_prefetch(fn: Callable[[Any], Any], items: Sequence[Any], threads: int, window: int = 8) -> Iterable[Any]:
+def _ordered_prefetch(fn: Callable[[Any], Any], items: Sequence[Any], threads: int, window: int = 32) -> Iterable[Any]:
     """Yield ``fn(item)`` in order, computing up to ``window`` ahead on a thread pool."""
     with ThreadPoolExecutor(max(1, threads)) as pool:
         queue: list[Future] = []
@@ -512,7 +526,7 @@ class _LabelTask:
         _, gy, gx = self.grid.grid_shape
         reach = gy * gx + gx + 1  # the earliest block a forward neighbour can be behind
         offsets_d = forward_offsets(self.config.connectivity)
-        for result in _ordered_prefetch(self._load_block, list(indices), self.threads):
+        for result in _ordered_prefetch(self._load_block, list(indices), SMALL_FILE_THREADS):
             i = len(sizes)
             block = self.grid.block(i)
             sizes.append(result.sizes)
@@ -548,7 +562,7 @@ class _LabelTask:
             np.save(buffer, table.block_mapping(i, dtype))
             storage.write_bytes(lay.block_map(i), buffer.getvalue(), opts)
 
-        _run_parallel(write_map, list(indices), self.threads, "label merge: writing maps")
+        _run_parallel(write_map, list(indices), SMALL_FILE_THREADS, "label merge: writing maps")
         if not lay.tiff:
             self._create_output(dtype, overwrite)
         lay.relabel_done.clear()  # earlier relabel results used other tables

@@ -177,6 +177,16 @@ def test_edge_and_corner_contacts(a, b, joined, conn):
     assert out.max() == (1 if joined[conn] else 2)
 
 
+@pytest.mark.parametrize("conn", [6, 18, 26])
+def test_blocks_one_voxel_thick(conn):
+    # the last block in each axis is one voxel thick (cc3d 4.1 fails on such blocks at 26)
+    values = random_volume(np.random.default_rng(conn), (9, 13, 5), 0.5)
+    config = make_config(write_input(mem_url("in") + "/p", values), mem_url("out"),
+                         chunk_size=(4, 4, 4), connectivity=conn, thres_small_instances=0)
+    label(config)
+    np.testing.assert_array_equal(read_output(config), reference_labels(values, 0.5, conn, 0))
+
+
 def test_thresholds_on_uint8_are_exact():
     values = np.arange(256, dtype=np.uint8).reshape(4, 8, 8)
     values = np.ascontiguousarray(values[:, ::-1])  # not sorted in C order
