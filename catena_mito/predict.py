@@ -1,0 +1,523 @@
+"""``catena-mito predict``: block-wise sliding-window inference, shardable and resumable.
+
+For every input dataset (``test_zarr_dirs``), the output volume is cut into blocks of
+``block_shape`` (voxels of the *output* grid, z, y, x); this process computes the blocks
+of its shard. Per block::
+
+    output block (write region, whole output chunks)
+      │ output_res=original: the model-grid voxels its linear interpolation needs
+      ▼
+    model-grid region R  ──►  every window of the GLOBAL window grid touching R
+      │                        (their union = the region read and preprocessed:
+      │                         normalise/CLAHE on the input grid, resample to target_res)
+      ▼
+    Gaussian-weighted blend of those windows over R  (float64, global window order)
+      │ output_res=original: resample R back to the input grid (global formula)
+      ▼
+    encode (uint8 = round(p·255) | float16 | float32) → write the block → done marker
+
+Every step computes a voxel from the same inputs in the same order whichever block asks
+(see :mod:`catena_mito.inference` and :mod:`catena_mito.preprocess`), so the output is
+bitwise identical for any ``block_shape`` and any number of shards, and equal to
+:func:`catena_mito.inference.sliding_window_predict` on the whole preprocessed volume.
+
+Outputs (Zarr):
+
+* no ``output_dir``: into each input store, at ``output_filename`` or
+  ``volumes/predictions/<label_type>``;
+* ``output_dir`` ending in ``.zarr`` (one input only): ``<output_dir>/<name>``;
+* any other ``output_dir``: ``<output_dir>/<input stem>.zarr/<name>`` per input (stem =
+  the input's last path component without ``.zarr``).
+
+Each output array carries ``resolution`` and ``offset`` (nm); done markers live under
+``<output array>/.catena/predict/done`` and the resolved config (secrets redacted) at
+``<output array>/.catena/predict/config.yaml``. A rerun skips blocks marked done;
+``overwrite`` clears this shard's markers and recomputes them (and replaces an
+incompatible existing output).
+
+``output_format: tiff`` gathers the whole output in memory in one process (``num_shards``
+must be 1; no markers, no resume) and writes ``<output_dir or the input's folder>/
+<output_filename or <stem>_<label_type>_predictions.tif>``; volumes larger than
+:data:`TIFF_MAX_BYTES` (or ``$CATENA_TIFF_MAX_BYTES``) or than half the machine's memory
+are refused before any work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from catena_mito import storage
+from catena_mito.config import PredictConfig, save_resolved_config
+from catena_mito.errors import CheckpointError, ConfigError, DataError
+from catena_mito.geometry import Block, BlockGrid, Coord, Roi, check_shard, select_shard
+from catena_mito.markers import DoneMarkers
+from catena_mito.preprocess import GridMap, Preprocessor
+
+log = logging.getLogger(__name__)
+
+#: Largest TIFF output gathered in memory (bytes); ``$CATENA_TIFF_MAX_BYTES`` overrides.
+TIFF_MAX_BYTES = 8 * 2**30
+MARKER_TASK = "predict"
+
+
+# --- settings resolved from the config and the checkpoint -----------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What the model needs, resolved from the config, else the checkpoint's training config."""
+
+    model_type: str
+    patch_size: Coord
+    stride: Coord
+    clahe: bool
+    train_original_res: tuple[float, float, float] | None
+    train_target_res: tuple[float, float, float] | None
+
+
+def _triple(value: Any, field: str) -> tuple | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        value = (value, value, value)
+    try:
+        items = tuple(value)
+    except TypeError:
+        items = ()
+    if len(items) != 3:
+        raise CheckpointError(f"checkpoint training config: {field} is {value!r}, expected 3 values (z, y, x)")
+    return items
+
+
+def resolve_model_settings(config: PredictConfig, ckpt: Mapping[str, Any]) -> ModelSettings:
+    """Patch size, stride and CLAHE: the config's, else the training config in ``ckpt``.
+
+    Raises:
+        CheckpointError: ``model_type`` given and different from the checkpoint's.
+        ConfigError: no patch size anywhere, a stride larger than the patch, or a patch
+        the model cannot process.
+    """
+    from catena_mito.inference import default_stride
+    from catena_mito.models import check_patch_size
+
+    ckpt_type = ckpt["model_type"]
+    if config.model_type is not None and config.model_type != ckpt_type:
+        raise CheckpointError(
+            f"model_type {config.model_type!r} in the config does not match the checkpoint "
+            f"{storage.redact_url(config.model_path)!r}, which holds a {ckpt_type!r} model; "
+            "remove model_type from the config or use a matching checkpoint"
+        )
+    train = dict(ckpt.get("config") or {})
+    patch = config.patch_size or _triple(train.get("patch_size"), "patch_size")
+    if patch is None:
+        raise ConfigError("patch_size is not set and the checkpoint's training config has none; set patch_size")
+    patch = tuple(int(p) for p in patch)
+    stride = tuple(int(s) for s in (config.stride or default_stride(patch)))
+    if any(s > p for s, p in zip(stride, patch)):
+        raise ConfigError(f"stride {list(stride)} must be <= patch_size {list(patch)} in every axis")
+    check_patch_size(ckpt_type, ckpt["model_params"], patch)
+    clahe = bool(train.get("clahe", False)) if config.clahe is None else config.clahe
+    return ModelSettings(
+        model_type=ckpt_type,
+        patch_size=patch,  # type: ignore[arg-type]
+        stride=stride,  # type: ignore[arg-type]
+        clahe=clahe,
+        train_original_res=_triple(train.get("original_res"), "original_res"),
+        train_target_res=_triple(train.get("target_res"), "target_res"),
+    )
+
+
+def resolve_resolutions(
+    config: PredictConfig, settings: ModelSettings, raw_res: tuple[float, float, float] | None, raw_url: str
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(original_res, target_res)`` in nm for one input.
+
+    ``original_res``: the config's, else the raw array's ``resolution`` attribute, else the
+    training ``original_res``. ``target_res``: the config's, else the training
+    ``target_res``, else ``original_res`` (no resampling). Without any resolution both are
+    (1, 1, 1): no resampling.
+    """
+    original = config.original_res or raw_res or settings.train_original_res
+    target = config.target_res or settings.train_target_res
+    if original is None:
+        if target is not None:
+            raise ConfigError(
+                f"{storage.redact_url(raw_url)!r} has no 'resolution' attribute and original_res "
+                f"is not set, so it cannot be resampled to target_res {list(target)}; set original_res"
+            )
+        original = target = (1.0, 1.0, 1.0)
+    if target is None:
+        target = original
+    return tuple(float(r) for r in original), tuple(float(r) for r in target)
+
+
+# --- output locations -----------------------------------------------------------------------
+
+
+def _stem(url: str) -> str:
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return name[: -len(".zarr")] if name.endswith(".zarr") else name
+
+
+def _parent(url: str) -> str:
+    stripped = url.rstrip("/")
+    return stripped.rsplit("/", 1)[0] if "/" in stripped else "."
+
+
+def output_urls(config: PredictConfig) -> list[str]:
+    """The output URL of each input, in the order of ``test_zarr_dirs`` (see module doc)."""
+    inputs = list(config.test_zarr_dirs)
+    if config.output_format == "tiff":
+        urls = []
+        for url in inputs:
+            folder = config.output_dir or _parent(url)
+            name = config.output_filename or f"{_stem(url)}_{config.label_type}_predictions.tif"
+            urls.append(storage.join_url(folder, name))
+    else:
+        name = config.output_filename or storage.prediction_path(config.label_type)
+        if config.output_dir is None:
+            urls = [storage.join_url(url, name) for url in inputs]
+        elif config.output_dir.rstrip("/").endswith(".zarr"):
+            if len(inputs) > 1:
+                raise ConfigError(
+                    f"output_dir {storage.redact_url(config.output_dir)!r} is one Zarr store but "
+                    f"there are {len(inputs)} test_zarr_dirs; give a folder (outputs go to "
+                    "<output_dir>/<input stem>.zarr/...) or one input"
+                )
+            urls = [storage.join_url(config.output_dir, name)]
+        else:
+            urls = [storage.join_url(config.output_dir, f"{_stem(url)}.zarr", name) for url in inputs]
+    seen: dict[str, str] = {}
+    for inp, out in zip(inputs, urls):
+        if out in seen:
+            raise ConfigError(
+                f"inputs {storage.redact_url(seen[out])!r} and {storage.redact_url(inp)!r} would both "
+                f"write {storage.redact_url(out)!r}; give them different names or set output_dir/output_filename"
+            )
+        seen[out] = inp
+    return urls
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def encode(probs: np.ndarray, dtype: str) -> np.ndarray:
+    """Probabilities (float32, [0, 1]) in the output dtype: uint8 = round(p·255)."""
+    if dtype == "uint8":
+        return np.rint(np.clip(probs, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+    if dtype in ("float16", "float32"):
+        return probs.astype(dtype)
+    raise ConfigError(f"output_dtype: expected uint8, float16 or float32, got {dtype!r}")
+
+
+def decode(values: np.ndarray) -> np.ndarray:
+    """Stored predictions back to float32 probabilities (uint8 / 255)."""
+    if values.dtype == np.uint8:
+        return values.astype(np.float32) / np.float32(255.0)
+    return values.astype(np.float32)
+
+
+# --- one input ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """Everything needed to compute blocks of one input's output."""
+
+    input_url: str
+    output_url: str
+    preprocessor: Preprocessor
+    window_grid: Any  # inference.WindowGrid
+    block_grid: BlockGrid
+    back: GridMap | None  # model grid → input grid when output_res is original
+    out_res: tuple[float, ...]
+    offset: tuple[float, ...]
+    original_res: tuple[float, ...]
+    target_res: tuple[float, ...]
+
+    def model_region(self, block: Block) -> Roi:
+        """The model-grid region whose probabilities the block's write region needs."""
+        if self.back is None:
+            return block.write_roi
+        return self.back.source_roi(block.write_roi, order=1)
+
+    def read_region(self, block: Block) -> Roi:
+        return self.window_grid.read_roi(self.model_region(block))
+
+    def compute(self, runner: Any, block: Block, data: np.ndarray) -> np.ndarray:
+        """Float32 probabilities of the block's write region from its preprocessed read region."""
+        from catena_mito.inference import predict_region
+
+        region = self.model_region(block)
+        read_roi = self.read_region(block)
+
+        def read(roi: Roi) -> np.ndarray:
+            if roi != read_roi:  # pragma: no cover - guarded by construction
+                raise RuntimeError(f"unexpected read {roi}, prefetched {read_roi}")
+            return data
+
+        probs = predict_region(runner, read, region, self.window_grid)
+        if self.back is None:
+            return probs
+        return self.back.resample(probs, region, block.write_roi, order=1)
+
+
+def _make_job(config: PredictConfig, settings: ModelSettings, input_url: str, output_url: str) -> _Job:
+    from catena_mito.inference import WindowGrid
+
+    raw_url = storage.join_url(input_url, storage.RAW_PATH)
+    raw = storage.open_volume(raw_url, config.storage_options)
+    raw_res, raw_offset = storage.read_spatial(raw)
+    original_res, target_res = resolve_resolutions(config, settings, raw_res, raw_url)
+    pre = Preprocessor(raw, original_res, target_res, clahe=settings.clahe)
+    try:
+        wgrid = WindowGrid(pre.shape, settings.patch_size, settings.stride)
+    except DataError as e:
+        raise DataError(f"{storage.redact_url(raw_url)!r} (shape {list(raw.shape)} at {list(original_res)} nm): {e}") from None
+    if config.output_res == "original":
+        back = GridMap.between(pre.shape, target_res, original_res, dst_shape=raw.shape)
+        out_shape, out_res = tuple(raw.shape), original_res
+    else:
+        back, out_shape, out_res = None, pre.shape, target_res
+    return _Job(
+        input_url=input_url,
+        output_url=output_url,
+        preprocessor=pre,
+        window_grid=wgrid,
+        block_grid=BlockGrid(out_shape, config.block_shape),
+        back=back,
+        out_res=out_res,
+        offset=raw_offset,
+        original_res=original_res,
+        target_res=target_res,
+    )
+
+
+def _prefetch(
+    blocks: Iterable[Block], read: Callable[[Block], np.ndarray], num_workers: int
+) -> Iterator[tuple[Block, np.ndarray]]:
+    """``(block, read(block))`` in order; with workers, up to ``num_workers + 1`` reads ahead.
+
+    Reading and preprocessing (decompression, CLAHE, resampling) run in threads while the
+    model runs; numpy and the codecs release the GIL. Memory grows with the reads ahead.
+    """
+    if num_workers <= 0:
+        for block in blocks:
+            yield block, read(block)
+        return
+    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="catena-read") as pool:
+        pending: deque[tuple[Block, Future]] = deque()
+        it = iter(blocks)
+        try:
+            for block in it:
+                pending.append((block, pool.submit(read, block)))
+                if len(pending) > num_workers:
+                    done_block, fut = pending.popleft()
+                    yield done_block, fut.result()
+            while pending:
+                done_block, fut = pending.popleft()
+                yield done_block, fut.result()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="block", file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+
+
+def _resolved(config: PredictConfig, settings: ModelSettings, job: _Job) -> PredictConfig:
+    return config.model_copy(
+        update={
+            "patch_size": settings.patch_size,
+            "stride": settings.stride,
+            "clahe": settings.clahe,
+            "model_type": settings.model_type,
+            "original_res": job.original_res,
+            "target_res": job.target_res,
+        }
+    )
+
+
+def _open_output(config: PredictConfig, job: _Job, overwrite: bool):
+    attrs = {
+        **storage.spatial_attrs(job.out_res, job.offset),
+        "catena_predict": {
+            "input": storage.redact_url(job.input_url),
+            "output_dtype": config.output_dtype,
+            "uint8_scale": 255 if config.output_dtype == "uint8" else None,
+        },
+    }
+    shape = job.block_grid.volume_shape
+    if storage.array_exists(job.output_url, config.storage_options):
+        existing = storage.open_array(job.output_url, config.storage_options, mode="r+")
+        same = (
+            tuple(existing.shape) == tuple(shape)
+            and existing.dtype == np.dtype(config.output_dtype)
+            and tuple(existing.chunks) == tuple(config.output_chunks)
+        )
+        if same and all(existing.attrs.get(k) == v for k, v in attrs.items()):
+            # Concurrent shards: don't rewrite identical metadata under each other's feet.
+            return existing
+    return storage.create_array(
+        job.output_url,
+        shape,
+        config.output_dtype,
+        config.output_chunks,
+        overwrite=overwrite,
+        attrs=attrs,
+        storage_options=config.storage_options,
+    )
+
+
+def _predict_zarr(config: PredictConfig, settings: ModelSettings, runner: Any, job: _Job,
+                  shard_index: int, num_shards: int, overwrite: bool) -> dict[str, Any]:
+    arr = _open_output(config, job, overwrite)
+    markers = DoneMarkers(job.output_url, MARKER_TASK, config.storage_options)
+    save_resolved_config(
+        _resolved(config, settings, job),
+        storage.join_url(job.output_url, ".catena", MARKER_TASK, "config.yaml"),
+        config.storage_options,
+    )
+    blocks = select_shard(job.block_grid.blocks(), shard_index, num_shards)
+    if overwrite:
+        markers.clear([b.index for b in blocks])
+    todo_idx = set(markers.missing([b.index for b in blocks]))
+    todo = [b for b in blocks if b.index in todo_idx]
+    log.info(
+        "predict %s -> %s: %d blocks in shard %d/%d, %d done already, %d to compute",
+        storage.redact_url(job.input_url), storage.redact_url(job.output_url), len(blocks),
+        shard_index, num_shards, len(blocks) - len(todo), len(todo),
+    )
+    windows_before = getattr(runner, "windows_run", 0)
+    with _progress(len(todo), f"predict shard {shard_index}/{num_shards}") as bar:
+        for block, data in _prefetch(todo, lambda b: job.preprocessor(job.read_region(b)), config.num_workers):
+            probs = job.compute(runner, block, data)
+            arr[block.write_roi.to_slices()] = encode(probs, config.output_dtype)
+            # Only now, with the data written, is the block done.
+            markers.mark_done(block.index, {"shard": shard_index, "write_offset": list(block.write_roi.offset),
+                                            "write_shape": list(block.write_roi.shape)})
+            bar.update(1)
+    return {
+        "input": storage.redact_url(job.input_url),
+        "output": storage.redact_url(job.output_url),
+        "shape": list(job.block_grid.volume_shape),
+        "resolution": list(job.out_res),
+        "blocks_total": job.block_grid.num_blocks,
+        "blocks_in_shard": len(blocks),
+        "blocks_computed": len(todo),
+        "blocks_skipped": len(blocks) - len(todo),
+        "windows_run": getattr(runner, "windows_run", 0) - windows_before,
+    }
+
+
+def tiff_limit_bytes() -> int:
+    """The largest TIFF output gathered in memory: the env override, else the constant,
+    and never more than half the physical memory."""
+    env = os.environ.get("CATENA_TIFF_MAX_BYTES")
+    limit = int(env) if env else TIFF_MAX_BYTES
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        limit = min(limit, physical // 2)
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        pass
+    return limit
+
+
+def _predict_tiff(config: PredictConfig, settings: ModelSettings, runner: Any, job: _Job) -> dict[str, Any]:
+    shape = job.block_grid.volume_shape
+    nbytes = int(np.prod(shape)) * np.dtype(config.output_dtype).itemsize
+    limit = tiff_limit_bytes()
+    if nbytes > limit:
+        raise ConfigError(
+            f"output_format 'tiff' gathers the whole output in memory: {list(shape)} {config.output_dtype} "
+            f"is {nbytes / 2**30:.2f} GiB, over the limit of {limit / 2**30:.2f} GiB "
+            "($CATENA_TIFF_MAX_BYTES); use output_format 'zarr'"
+        )
+    out = np.zeros(shape, dtype=config.output_dtype)
+    blocks = job.block_grid.blocks()
+    windows_before = getattr(runner, "windows_run", 0)
+    with _progress(len(blocks), "predict (tiff)") as bar:
+        for block, data in _prefetch(blocks, lambda b: job.preprocessor(job.read_region(b)), config.num_workers):
+            out[block.write_roi.to_slices()] = encode(job.compute(runner, block, data), config.output_dtype)
+            bar.update(1)
+    storage.write_tiff(job.output_url, out, job.out_res, job.offset, config.storage_options)
+    save_resolved_config(_resolved(config, settings, job), job.output_url + ".config.yaml", config.storage_options)
+    return {
+        "input": storage.redact_url(job.input_url),
+        "output": storage.redact_url(job.output_url),
+        "shape": list(shape),
+        "resolution": list(job.out_res),
+        "blocks_total": len(blocks),
+        "blocks_in_shard": len(blocks),
+        "blocks_computed": len(blocks),
+        "blocks_skipped": 0,
+        "windows_run": getattr(runner, "windows_run", 0) - windows_before,
+    }
+
+
+# --- the job --------------------------------------------------------------------------------
+
+
+def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, overwrite: bool = False) -> dict:
+    """Run shard ``shard_index`` of ``num_shards`` of a prediction job; return a summary.
+
+    The summary: ``{"shard_index", "num_shards", "seconds", "outputs": [per input: input,
+    output, shape, resolution, blocks_total, blocks_in_shard, blocks_computed,
+    blocks_skipped, windows_run]}``.
+
+    Raises:
+        ShardError/ConfigError: bad shard, TIFF with several shards or too large, patch
+        or stride problems, outputs that would collide.
+        CheckpointError: missing/unreadable checkpoint, model_type mismatch.
+        DataError: raw data not 3-D, or smaller than a patch at the model resolution.
+        StorageError: unreadable input or incompatible existing output.
+    """
+    from catena_mito.checkpoint import build_model_from_checkpoint, load_checkpoint
+    from catena_mito.inference import ModelRunner
+
+    start = time.perf_counter()
+    check_shard(shard_index, num_shards)
+    if config.output_format == "tiff" and num_shards != 1:
+        raise ConfigError(
+            f"output_format 'tiff' is a single-process gather; num_shards must be 1, got {num_shards} "
+            "(use output_format 'zarr' to shard)"
+        )
+    urls = output_urls(config)
+    ckpt = load_checkpoint(config.model_path, config.storage_options, map_location="cpu")
+    settings = resolve_model_settings(config, ckpt)
+    # Plan every input before any work: a bad input is reported before outputs are touched.
+    jobs = [_make_job(config, settings, inp, out) for inp, out in zip(config.test_zarr_dirs, urls)]
+    model = build_model_from_checkpoint(ckpt)
+    del ckpt
+    runner = ModelRunner(model, batch_size=config.batch_size, device=config.device, amp=config.amp, tta=config.tta)
+    results = []
+    for job in jobs:
+        if config.output_format == "tiff":
+            results.append(_predict_tiff(config, settings, runner, job))
+        else:
+            results.append(_predict_zarr(config, settings, runner, job, shard_index, num_shards, overwrite))
+    summary = {
+        "shard_index": shard_index,
+        "num_shards": num_shards,
+        "seconds": time.perf_counter() - start,
+        "outputs": results,
+    }
+    log.info(
+        "predict shard %d/%d: %d blocks computed, %d skipped (done), %d windows, %.1f s",
+        shard_index, num_shards, sum(r["blocks_computed"] for r in results),
+        sum(r["blocks_skipped"] for r in results), sum(r["windows_run"] for r in results), summary["seconds"],
+    )
+    return summary
