@@ -60,7 +60,7 @@ Shape3 = tuple[int, int, int]
 # few neurons and dozens of mitochondria.
 
 _NEURON_CELL_NM = 560.0  # spacing of the neuron seed grid (~neurite calibre)
-_NEURON_JITTER = 0.35  # seed offset from its cell centre, fraction of a cell (see _neurons)
+_NEURON_JITTER = 0.35  # max seed offset from its cell centre, fraction of a cell; bounds searches
 _WARP_NM = 45.0  # amplitude of the displacement that bends cell walls
 _WARP_SPACING_NM = 420.0
 _MEMBRANE_HALF_NM = 11.0  # half width of the dark cell membrane profile
@@ -323,7 +323,8 @@ class SyntheticVolume:
         self._res = np.asarray(res)
         self._extent_nm = np.asarray(self.shape) * self._res
         # Neuron seeds live on a grid that extends two cells past the volume on each side,
-        # so the 4 nearest seeds of any voxel exist (see _neurons) and ids are fixed per volume.
+        # so every voxel has its neighbouring seeds; ids are the (1-based) C-order index of
+        # a seed's cell in that grid, fixed per volume shape (so not contiguous).
         self._n_cells = np.ceil(self._extent_nm / _NEURON_CELL_NM).astype(np.int64) + 4
         self._mitos = self._make_mitos()
         self._mito_lo = np.array([m.vox_lo.min(0) for m in self._mitos]).reshape(-1, 3)
@@ -895,8 +896,10 @@ def write_synthetic_dataset(
     Layout: ``volumes/raw`` (uint8), ``volumes/labels/mito_ids`` and
     ``volumes/labels/neuron_ids`` (uint32), all (z, y, x) of ``shape`` voxels, chunked by
     ``chunks``, with ``resolution`` (nm) and ``offset`` ``[0, 0, 0]`` as attributes. The
-    volume is rendered one chunk at a time, so its size is not limited by memory.
-    ``url`` is a local path, ``memory://…`` or ``s3://…``.
+    volume is rendered one chunk at a time (a few threads), so its size is not limited by
+    memory. ``url`` is a local path, ``memory://…`` or ``s3://…``; arrays already at those
+    paths are replaced. The group's ``synthetic`` attribute records seed, shape and
+    resolution, so the data can be regenerated exactly.
     """
     from catena_mito import storage
 

@@ -91,15 +91,23 @@ def medium_volume() -> dict[str, np.ndarray]:
     return make_volume((96, 96, 96), seed=0)
 
 
-def test_global_threshold_cannot_segment_mitochondria(medium_volume):
-    raw, fg = medium_volume["raw"], medium_volume["mito_ids"] > 0
+def test_best_global_threshold_iou_matches_brute_force():
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(12, 13, 14), dtype=np.uint8)
+    fg = (raw.astype(int) + rng.integers(-60, 60, size=raw.shape)) < 90
     iou, polarity, level = best_global_threshold_iou(raw, fg)
-    # brute force over every level and both polarities, independently of the helper
     brute = max(
         max(np.sum((raw <= t) & fg) / np.sum((raw <= t) | fg) for t in range(256)),
         max(np.sum((raw >= t) & fg) / np.sum((raw >= t) | fg) for t in range(256)),
     )
     assert iou == pytest.approx(brute)
+    pred = raw <= level if polarity == "<=" else raw >= level
+    assert np.sum(pred & fg) / np.sum(pred | fg) == pytest.approx(iou)
+
+
+def test_global_threshold_cannot_segment_mitochondria(medium_volume):
+    raw, fg = medium_volume["raw"], medium_volume["mito_ids"] > 0
+    iou, polarity, level = best_global_threshold_iou(raw, fg)
     assert iou < 0.5, (iou, polarity, level)
 
 
@@ -153,7 +161,9 @@ def test_write_dataset_local_and_memory(tmp_path):
     assert np.array_equal(mito[:], expected["mito_ids"])
     assert np.array_equal(neuron[:], expected["neuron_ids"])
 
-    mem = write_synthetic_dataset("memory://synthetic-test.zarr", shape=(16, 16, 16), seed=1)
+    mem = write_synthetic_dataset(
+        "memory://synthetic-test.zarr", shape=(16, 16, 16), seed=1, progress=True
+    )
     group = storage.open_group(mem)
     assert group[storage.RAW_PATH].shape == (16, 16, 16)
     assert np.array_equal(group[storage.RAW_PATH][:], make_volume((16, 16, 16), seed=1)["raw"])
