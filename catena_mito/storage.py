@@ -160,12 +160,24 @@ def split_store_url(url: str) -> tuple[str, str]:
 
 
 def open_group(
-    url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None
+    url: str,
+    mode: str = "r",
+    storage_options: Mapping[str, Any] | None = None,
+    zarr_format: int | None = None,
 ) -> zarr.Group:
-    """Open a Zarr group (format 2 or 3) at ``url``; ``mode`` as in :func:`zarr.open_group`."""
+    """Open a Zarr group at ``url``; ``mode`` as in :func:`zarr.open_group`.
+
+    Reading detects format 2 or 3; ``zarr_format`` chooses the format of a group that
+    ``mode`` creates, and an existing group of another format is an error.
+    """
     store = _store(url, storage_options, read_only=mode == "r")
     try:
-        return zarr.open_group(store=store, mode=mode)
+        group = zarr.open_group(store=store, mode=mode, zarr_format=zarr_format)
+        if zarr_format is not None and group.metadata.zarr_format != zarr_format:
+            raise StorageError(
+                f"{redact_url(url)!r} is Zarr format {group.metadata.zarr_format}, expected {zarr_format}"
+            )
+        return group
     except (GroupNotFoundError, FileNotFoundError, KeyError) as e:
         raise StorageError(f"no Zarr group at {redact_url(url)!r}") from e
     except StorageError:

@@ -909,8 +909,13 @@ def write_synthetic_dataset(
     if zarr_format not in (2, 3):
         raise ConfigError(f"zarr_format: expected 2 or 3, got {zarr_format!r}")
 
-    root = _open_root(url, storage_options, zarr_format)
+    root = storage.open_group(url, mode="a", storage_options=storage_options, zarr_format=zarr_format)
     root.require_group("volumes").require_group("labels")
+    # Before the arrays: create_array adds OME-NGFF entries to the root's attributes, which
+    # an update through this (older) handle afterwards would overwrite.
+    root.attrs.update(
+        {"synthetic": {"seed": vol.seed, "shape": list(vol.shape), "resolution": list(vol.resolution)}}
+    )
     attrs = storage.spatial_attrs(vol.resolution, (0, 0, 0))
     arrays = {
         "raw": storage.create_array(
@@ -944,15 +949,6 @@ def write_synthetic_dataset(
             zarr_format=zarr_format,
         ),
     }
-    root.attrs.update(
-        {
-            "synthetic": {
-                "seed": vol.seed,
-                "shape": list(vol.shape),
-                "resolution": list(vol.resolution),
-            }
-        }
-    )
     tiles = list(_tiles(vol.shape, chk))
     blocks = _render_tiles(vol, tiles)
     if progress:
@@ -964,26 +960,6 @@ def write_synthetic_dataset(
         for key, arr in arrays.items():
             arr[sl] = block[key]
     return url
-
-
-def _open_root(url: str, storage_options: dict | None, zarr_format: int):
-    """Open or create the dataset's root group in the requested Zarr format."""
-    import zarr
-
-    from catena_mito import storage
-    from catena_mito.errors import StorageError
-
-    store = storage._store(url, storage_options, read_only=False)
-    try:
-        root = zarr.open_group(store=store, mode="a", zarr_format=zarr_format)
-    except Exception as e:
-        raise StorageError(f"cannot open Zarr group {storage.redact_url(url)!r}: {e}") from e
-    if root.metadata.zarr_format != zarr_format:
-        raise StorageError(
-            f"{storage.redact_url(url)!r} is Zarr format {root.metadata.zarr_format}, "
-            f"expected {zarr_format}"
-        )
-    return root
 
 
 def best_global_threshold_iou(raw: np.ndarray, foreground: np.ndarray) -> tuple[float, str, int]:

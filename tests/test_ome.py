@@ -126,12 +126,6 @@ def test_ome_host_rule():
     assert storage.ome_host("/d/x.zarr/probs") == ("/d/x.zarr", "probs")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="synthetic.write_synthetic_dataset updates root attrs through a group handle opened "
-    "before the arrays were created, dropping the root's OME entry for volumes/raw; fix: "
-    "update the root attrs before create_array (or reopen the group). Remove this marker then.",
-)
 def test_synthetic_dataset_validates(tmp_path):
     from catena_mito.synthetic import write_synthetic_dataset
 
