@@ -110,6 +110,7 @@ class TrainConfig(JobConfig, _PatchFields):
     label_type: LabelType = Field("mito", description="Which labels to learn: `mito` (volumes/labels/mito_ids) or `neuron` (volumes/labels/neuron_ids).")
     epochs: int = Field(100, gt=0, description="Number of training epochs.")
     batch_size: int = Field(2, gt=0, description="Patches per optimisation step (per process under DDP).")
+    steps_per_epoch: int | None = Field(None, gt=0, description="Beyond the design. Optimisation steps per epoch (per process); default: one pass over the (subsampled) patch list. When set, the shuffled patch list is cycled or cut to this many steps (for tiny tests, or huge patch lists).")
     eval_interval: int = Field(10, gt=0, description="Evaluate on `test_zarr_dirs` every this many epochs (and after the last).")
     ckpt_interval: int = Field(10, gt=0, description="Keep an extra checkpoint every this many epochs (`last.pth`/`best.pth` are always kept).")
     patch_size: PositiveTriple = Field((64, 64, 64), description="Training patch shape (z, y, x), voxels at `target_res`.")

@@ -1,0 +1,375 @@
+"""Training: outputs, resume, fine-tuning, frozen encoder, losses, schedule, DDP, quality."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from catena_mito import data, storage
+from catena_mito import train as train_mod
+from catena_mito.checkpoint import load_checkpoint
+from catena_mito.config import TrainConfig
+from catena_mito.errors import CheckpointError, ConfigError
+from catena_mito.models import build_model, encoder_parameter_names
+from catena_mito.synthetic import write_synthetic_dataset
+from catena_mito.train import build_loss, learning_rate_at, make_scheduler, train, train_step
+
+# Tiny backbones for the mechanics tests (quality is tested separately below).
+TINY = {
+    "monai_unet": {"channels": [4, 8], "strides": [2], "num_res_units": 1},
+    "rs_unet": {"channels": [4, 8]},
+}
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("train-data")
+    out = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        out[name] = write_synthetic_dataset(
+            str(root / f"{name}.zarr"), shape=(32, 32, 32), seed=seed, chunks=(16, 16, 16)
+        )
+    return out
+
+
+def tiny_config(tmp_path: Path, datasets: dict[str, str], **overrides) -> TrainConfig:
+    model_type = overrides.pop("model_type", "monai_unet")
+    values = {
+        "exp_name": "run",
+        "runs_dir": str(tmp_path / "runs"),
+        "train_zarr_dirs": [datasets["a"]],
+        "test_zarr_dirs": [datasets["b"]],
+        "model_type": model_type,
+        "model_params": TINY[model_type],
+        "patch_size": (16, 16, 16),
+        "stride": (16, 16, 16),
+        "subsample_number": 4,
+        "batch_size": 2,
+        "epochs": 2,
+        "eval_interval": 1,
+        "ckpt_interval": 1,
+        "device": "cpu",
+        "seed": 0,
+    }
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def run_dir(config: TrainConfig) -> Path:
+    return Path(config.runs_dir) / config.exp_name
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+
+def test_run_writes_checkpoints_metrics_preview_and_config(tmp_path, datasets):
+    from PIL import Image
+
+    config = tiny_config(tmp_path, datasets, epochs=3, eval_interval=2, ckpt_interval=2)
+    result = train(config)
+    out = run_dir(config)
+    assert result.epochs_completed == 3
+    names = {p.name for p in out.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "last.pth", "best.pth", "epoch_0002.pth"} <= names
+    assert "epoch_0001.pth" not in names and "epoch_0003.pth" not in names
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert "val_iou" not in records[0]  # evaluated every 2 epochs and after the last
+    for r in records[1:]:
+        assert 0.0 <= r["val_iou"] <= 1.0 and 0.0 <= r["val_dice"] <= 1.0
+        assert set(r["val_volumes"]) == {datasets["b"]}
+    assert result.best_metric == max(r["val_iou"] for r in records[1:])
+
+    last = load_checkpoint(str(out / "last.pth"))
+    assert last["epoch"] == 3 and last["model_type"] == "monai_unet"
+    assert last["model_params"]["channels"] == (4, 8) or list(last["model_params"]["channels"]) == [4, 8]
+    assert last["config"]["exp_name"] == "run" and "rng" in last
+    assert load_checkpoint(str(out / "epoch_0002.pth"))["epoch"] == 2
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train_zarr_dirs"] == [datasets["a"]] and saved["epochs"] == 3
+
+    previews = sorted((out / "previews").iterdir())
+    assert [p.name for p in previews] == ["epoch_0002.png", "epoch_0003.png"]
+    image = Image.open(previews[0])
+    assert image.format == "PNG" and image.width > 3 * 32 and image.height >= 256
+
+
+def test_existing_run_is_not_overwritten(tmp_path, datasets):
+    config = tiny_config(tmp_path, datasets, epochs=1, test_zarr_dirs=[])
+    train(config)
+    before = (run_dir(config) / "last.pth").read_bytes()
+    with pytest.raises(ConfigError, match="resume_checkpoint"):
+        train(config)
+    assert (run_dir(config) / "last.pth").read_bytes() == before
+
+
+def test_runs_dir_on_object_storage(datasets):
+    """runs_dir is any fsspec URL (memory:// here; s3:// goes the same way)."""
+    config = TrainConfig(
+        exp_name="remote", runs_dir="memory://runs-test", train_zarr_dirs=[datasets["a"]],
+        test_zarr_dirs=[datasets["b"]], model_type="rs_unet", model_params=TINY["rs_unet"],
+        patch_size=16, stride=16, subsample_number=2, epochs=1, device="cpu",
+    )
+    train(config)
+    for name in ("config.yaml", "metrics.jsonl", "last.pth", "best.pth", "previews/epoch_0001.png"):
+        assert storage.exists(f"memory://runs-test/remote/{name}"), name
+    assert load_checkpoint("memory://runs-test/remote/last.pth")["epoch"] == 1
+    storage.remove("memory://runs-test")
+
+
+def test_each_dataset_read_once_per_run(tmp_path, datasets, monkeypatch):
+    reads = []
+    original = data._read_whole
+    monkeypatch.setattr(data, "_read_whole", lambda arr: reads.append(arr.shape) or original(arr))
+    # the training set is also a validation set: still read once
+    config = tiny_config(tmp_path, datasets, epochs=3, subsample_number=None,
+                         test_zarr_dirs=[datasets["b"], datasets["a"]], eval_interval=3)
+    train(config)
+    assert len(reads) == 4  # (raw + labels) × 2 datasets, whatever the patches and epochs
+
+
+# --- resume and reproducibility ---------------------------------------------------------------
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(str(path))["state_dict"]
+
+
+def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("num_workers", [0])
+def test_resume_is_bitwise_identical(tmp_path, datasets, num_workers):
+    common = {"epochs": 4, "eval_interval": 3, "num_workers": num_workers,
+              "rotation_augs": True, "contrast_augs": True}  # dropout, augmentation: all RNG users
+    straight = tiny_config(tmp_path, datasets, exp_name="straight", **common)
+    train(straight)
+
+    first = tiny_config(tmp_path, datasets, exp_name="split", **{**common, "epochs": 2})
+    train(first)
+    second = tiny_config(
+        tmp_path, datasets, exp_name="split", **common,
+        resume_checkpoint=str(run_dir(first) / "last.pth"),
+    )
+    result = train(second)
+    assert result.epochs_completed == 4
+    _assert_bitwise_equal(_weights(run_dir(straight) / "last.pth"), _weights(run_dir(second) / "last.pth"))
+    a = load_checkpoint(str(run_dir(straight) / "last.pth"))
+    b = load_checkpoint(str(run_dir(second) / "last.pth"))
+    assert a["epoch"] == b["epoch"] == 4
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+    # the metrics history continues; the resumed epochs have the same losses
+    lines = (run_dir(second) / "metrics.jsonl").read_text().splitlines()
+    resumed = [json.loads(x) for x in lines]
+    reference = [json.loads(x) for x in (run_dir(straight) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in reference]
+
+
+def test_same_seed_same_weights_different_seed_different(tmp_path, datasets):
+    a = tiny_config(tmp_path, datasets, exp_name="a", epochs=1, test_zarr_dirs=[])
+    b = tiny_config(tmp_path, datasets, exp_name="b", epochs=1, test_zarr_dirs=[])
+    c = tiny_config(tmp_path, datasets, exp_name="c", epochs=1, test_zarr_dirs=[], seed=1)
+    for cfg in (a, b, c):
+        train(cfg)
+    _assert_bitwise_equal(_weights(run_dir(a) / "last.pth"), _weights(run_dir(b) / "last.pth"))
+    wa, wc = _weights(run_dir(a) / "last.pth"), _weights(run_dir(c) / "last.pth")
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+# --- fine-tuning and freezing ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["monai_unet", "rs_unet"])
+def test_freeze_encoder_freezes_exactly_the_encoder(model_type):
+    torch.manual_seed(0)
+    model = build_model(model_type, **TINY[model_type])
+    encoder = encoder_parameter_names(model, model_type)
+    assert encoder and encoder != {n for n, _ in model.named_parameters()}
+    frozen = train_mod.freeze_encoder(model, model_type)
+    assert frozen == encoder
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == encoder
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    image = torch.rand(2, 1, 16, 16, 16)
+    label = (image > 0.5).to(torch.uint8)
+    train_step(model, image, label, build_loss("DiceCE", None, 2), optimizer, torch.device("cpu"))
+    for name, p in model.named_parameters():
+        if name in encoder:
+            assert torch.equal(p, before[name]), name
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n not in encoder)
+
+
+def test_model_loc_fails_loudly_when_layers_do_not_match(tmp_path, datasets):
+    source = tiny_config(tmp_path, datasets, exp_name="source", epochs=1, test_zarr_dirs=[])
+    train(source)
+    ckpt = str(run_dir(source) / "last.pth")
+    wider = tiny_config(tmp_path, datasets, exp_name="wider", epochs=1, test_zarr_dirs=[],
+                        model_params={"channels": [8, 16], "strides": [2], "num_res_units": 1},
+                        model_loc=ckpt)
+    with pytest.raises(CheckpointError, match=r"model_loc.*shape mismatch"):
+        train(wider)
+    other = tiny_config(tmp_path, datasets, exp_name="other", epochs=1, test_zarr_dirs=[],
+                        model_type="rs_unet", model_loc=ckpt)
+    with pytest.raises(CheckpointError, match="holds a 'monai_unet' model but model_type is 'rs_unet'"):
+        train(other)
+    assert not (run_dir(wider) / "last.pth").exists()
+    with pytest.raises(CheckpointError, match="not found"):
+        train(tiny_config(tmp_path, datasets, exp_name="missing", model_loc=str(tmp_path / "nope.pth")))
+
+
+def test_neuron_to_mito_transfer(tmp_path, datasets):
+    """Pretrain on neuron membranes, fine-tune on mitochondria with a frozen encoder."""
+    neuron = tiny_config(tmp_path, datasets, exp_name="neuron", label_type="neuron", epochs=2)
+    train(neuron)
+    pretrained = load_checkpoint(str(run_dir(neuron) / "best.pth"))
+    neuron_metrics = [json.loads(x) for x in (run_dir(neuron) / "metrics.jsonl").read_text().splitlines()]
+    assert "val_iou" in neuron_metrics[-1]  # validated against neuron boundaries
+
+    mito = tiny_config(
+        tmp_path, datasets, exp_name="mito", label_type="mito", epochs=2,
+        model_loc=str(run_dir(neuron) / "best.pth"), freeze_encoder=True,
+    )
+    result = train(mito)
+    assert result.best_metric is not None
+    tuned = load_checkpoint(str(run_dir(mito) / "last.pth"))["state_dict"]
+    model = build_model("monai_unet", **TINY["monai_unet"])
+    encoder = encoder_parameter_names(model, "monai_unet")
+    for name in encoder:
+        assert torch.equal(tuned[name], pretrained["state_dict"][name]), name
+    decoder = [n for n, _ in model.named_parameters() if n not in encoder]
+    assert any(not torch.equal(tuned[n], pretrained["state_dict"][n]) for n in decoder)
+
+
+# --- loss and schedule ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_type", ["DiceLoss", "DiceCE"])
+def test_loss_weights_are_honoured(loss_type):
+    from monai.losses import DiceCELoss, DiceLoss
+
+    loss = build_loss(loss_type, [0.2, 0.8], 2)
+    assert isinstance(loss, DiceCELoss if loss_type == "DiceCE" else DiceLoss)
+    weights = loss.dice.class_weight if loss_type == "DiceCE" else loss.class_weight
+    assert torch.allclose(torch.as_tensor(weights, dtype=torch.float32), torch.tensor([0.2, 0.8]))
+    if loss_type == "DiceCE":
+        assert torch.allclose(loss.cross_entropy.weight, torch.tensor([0.2, 0.8]))
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 8, 8, 8)
+    target = (torch.rand(2, 1, 8, 8, 8) > 0.8).long()
+    weighted = loss(logits, target)
+    plain = build_loss(loss_type, None, 2)(logits, target)
+    assert not torch.isclose(weighted, plain)
+    with pytest.raises(ConfigError, match="loss_weights"):
+        build_loss(loss_type, [1.0, 1.0, 1.0], 2)
+
+
+def test_loss_type_changes_the_training(tmp_path, datasets):
+    runs = {}
+    for loss_type in ("DiceLoss", "DiceCE"):
+        cfg = tiny_config(tmp_path, datasets, exp_name=loss_type, epochs=1, test_zarr_dirs=[], loss_type=loss_type)
+        runs[loss_type] = train(cfg).history[-1]["train_loss"]
+    assert runs["DiceLoss"] != runs["DiceCE"]
+
+
+def test_hotstart_learning_rate():
+    cfg = TrainConfig(train_zarr_dirs=["x"], hotstart=True, learning_rate=1e-3, learning_rate_after_hotstart_50=1e-5)
+    assert [learning_rate_at(cfg, e) for e in (0, 49, 50, 99)] == [1e-3, 1e-3, 1e-5, 1e-5]
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    scheduler = make_scheduler(optimizer, cfg)
+    seen = []
+    for _ in range(60):
+        seen.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    assert seen[:50] == pytest.approx([1e-3] * 50) and seen[50:] == pytest.approx([1e-5] * 10)
+    off = cfg.model_copy(update={"hotstart": False})
+    assert learning_rate_at(off, 80) == 1e-3
+
+
+def test_hotstart_in_a_run(tmp_path, datasets, monkeypatch):
+    monkeypatch.setattr(train_mod, "HOTSTART_EPOCHS", 1)
+    cfg = tiny_config(tmp_path, datasets, epochs=2, test_zarr_dirs=[], hotstart=True,
+                      learning_rate=1e-3, learning_rate_after_hotstart_50=1e-4)
+    history = train(cfg).history
+    assert [r["lr"] for r in history] == pytest.approx([1e-3, 1e-4])
+
+
+def test_steps_per_epoch(tmp_path, datasets):
+    cfg = tiny_config(tmp_path, datasets, epochs=1, test_zarr_dirs=[], steps_per_epoch=3)
+    assert train(cfg).history[-1]["steps"] == 3
+
+
+def test_cuda_without_cuda_is_a_clear_error(tmp_path, datasets):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    with pytest.raises(ConfigError, match="device: 'cuda'"):
+        train(tiny_config(tmp_path, datasets, device="cuda"))
+
+
+def test_patch_size_must_fit_the_model(tmp_path, datasets):
+    with pytest.raises(ConfigError, match="patch_size"):
+        train(tiny_config(tmp_path, datasets, patch_size=(15, 16, 16), stride=8))
+
+
+# --- distributed ------------------------------------------------------------------------------
+
+
+def test_ddp_two_cpu_processes(tmp_path, datasets):
+    cfg = tiny_config(tmp_path, datasets, exp_name="ddp", epochs=2, subsample_number=8)
+    config_path = tmp_path / "ddp.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A session of its own, so a timeout can end torchrun *and* its workers.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "catena_mito", "train", "--config", str(config_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        cwd=Path(__file__).parents[1], start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"DDP training timed out:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    records = [json.loads(x) for x in (run_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
+    sync = [r for r in records if r.get("event") == "ddp_replicas"]
+    assert len(sync) == 1 and sync[0]["world_size"] == 2 and sync[0]["in_sync"] is True
+    assert len(set(sync[0]["checksums"])) == 1
+    epochs = [r for r in records if "epoch" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert epochs[0]["steps"] == 2  # 8 patches, 2 ranks, batch 2: each rank takes 2 steps
+    assert load_checkpoint(str(run_dir(cfg) / "last.pth"))["epoch"] == 2
+
+
+# --- preview ----------------------------------------------------------------------------------
+
+
+def test_preview_png_composes_three_panels():
+    from PIL import Image
+
+    raw = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(64, 48)
+    label = (raw > 0.5).astype(np.uint8)
+    png = train_mod.preview_png(raw, label, raw, min_height=128)
+    image = Image.open(io.BytesIO(png))
+    assert image.height == 128 and image.mode == "L"
+    pixels = np.asarray(image)
+    width = 48 * 2
+    gap = max(1, 48 // 32) * 2
+    np.testing.assert_array_equal(pixels[:, width + gap : 2 * width + gap][::2, ::2], label * 255)
