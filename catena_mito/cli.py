@@ -211,10 +211,21 @@ def preview(dataset: str | None, out: str, z: tuple[int, ...], raw: str | None, 
         click.echo(f"wrote {url}")
 
 
+def _unraisable(unraisable: Any) -> None:
+    """Keep stderr to the one error line: after a failed S3 call, s3fs/aiobotocore coroutines
+    that zarr started alongside it are closed at garbage collection and Python would print
+    their "Exception ignored" tracebacks. ``--debug`` shows them."""
+    if _DEBUG:
+        sys.__unraisablehook__(unraisable)
+    else:
+        logging.getLogger("catena_mito").debug("ignored: %s: %r", unraisable.err_msg, unraisable.exc_value)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning library errors into one line and an exit code."""
     from catena_mito.errors import CatenaError
 
+    sys.unraisablehook = _unraisable
     try:
         cli.main(args=argv, prog_name="catena-mito", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -99,7 +99,7 @@ def foreground(values: np.ndarray, threshold: float, where: str = "input") -> np
       i.e. ``value > floor(255 * threshold)`` with the threshold's exact binary value;
     * bool inputs are probabilities 0 and 1.
 
-    NaN probabilities are a :class:`DataError` naming ``where``.
+    NaN or infinite probabilities are a :class:`DataError` naming ``where``.
     """
     dt = values.dtype
     if dt == np.bool_:
@@ -108,8 +108,9 @@ def foreground(values: np.ndarray, threshold: float, where: str = "input") -> np
         cutoff = math.floor(Fraction(threshold) * 255)
         return values > np.uint8(min(cutoff, 255))
     if np.issubdtype(dt, np.floating):
-        if np.isnan(values).any():
-            raise DataError(f"{where}: NaN probabilities (expected values in [0, 1])")
+        if not np.isfinite(values).all():
+            bad = "NaN" if np.isnan(values).any() else "infinite"
+            raise DataError(f"{where}: {bad} probabilities (expected values in [0, 1])")
         t = dt.type(threshold)
         if float(t) > threshold:  # rounded up: step down one value so that v > t == v > threshold
             t = np.nextafter(t, dt.type(-np.inf))
@@ -589,6 +590,25 @@ class _LabelTask:
             "scale_factors": list(self.config.scale_factors),
         }}
 
+    def check_existing_output(self) -> None:
+        """Refuse an existing, incompatible output before any work (merge would, later)."""
+        lay = self.layout
+        if lay.tiff or not storage.array_exists(lay.output_url, self.options):
+            return
+        out = storage.open_array(lay.output_url, self.options)
+        problems = []
+        if tuple(out.shape) != tuple(self.out_shape):
+            problems.append(f"shape {list(out.shape)} != {list(self.out_shape)}")
+        if tuple(out.chunks) != tuple(self.config.chunk_size):
+            problems.append(f"chunks {list(out.chunks)} != {list(self.config.chunk_size)}")
+        if out.dtype not in (np.dtype(np.uint32), np.dtype(np.uint64)):
+            problems.append(f"dtype {out.dtype} is not uint32/uint64")
+        if problems:
+            raise StorageError(
+                f"output {self.summary.output_url!r} exists and is incompatible ({'; '.join(problems)}); "
+                "remove it or rerun with --overwrite"
+            )
+
     def _create_output(self, dtype: np.dtype, overwrite: bool) -> None:
         # created here, by the one merge process, so relabel shards only ever open it
         storage.create_array(self.layout.output_url, self.out_shape, dtype, self.config.chunk_size,
@@ -769,6 +789,8 @@ def label(
     task.save_config()
     if task.already_complete(overwrite):
         return task.summary
+    if not overwrite and phase in ("all", "blocks", "merge"):
+        task.check_existing_output()
     started = time.perf_counter()
     if phase in ("all", "blocks"):
         task.run_blocks(shard_index, num_shards, overwrite)

@@ -61,7 +61,7 @@ from catena_mito.config import PredictConfig, save_resolved_config
 from catena_mito.errors import CheckpointError, ConfigError, DataError
 from catena_mito.geometry import Block, BlockGrid, Coord, Roi, check_shard, select_shard
 from catena_mito.markers import DoneMarkers
-from catena_mito.preprocess import GridMap, Preprocessor
+from catena_mito.preprocess import GridMap, Preprocessor, normalize
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +278,10 @@ def _make_job(config: PredictConfig, settings: ModelSettings, input_url: str, ou
     raw_url = storage.join_url(input_url, storage.RAW_PATH)
     raw = storage.open_volume(raw_url, config.storage_options)
     raw_res, raw_offset = storage.read_spatial(raw)
+    try:  # refuse an unusable dtype now, not in the first block after the output exists
+        normalize(np.zeros((1, 1, 1), raw.dtype))
+    except DataError as e:
+        raise DataError(f"{storage.redact_url(raw_url)!r}: {e}") from None
     original_res, target_res = resolve_resolutions(config, settings, raw_res, raw_url)
     pre = Preprocessor(raw, original_res, target_res, clahe=settings.clahe)
     try:
