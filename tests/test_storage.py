@@ -93,8 +93,13 @@ def test_storage_options_fill_from_aws_environment(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAENV")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envsecret")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
     opts = storage.resolve_storage_options("s3://b/x.zarr")
-    assert opts == {"key": "AKIAENV", "secret": "envsecret", "endpoint_url": "http://127.0.0.1:9"}
+    assert opts == {"key": "AKIAENV", "secret": "envsecret", "endpoint_url": "http://127.0.0.1:9",
+                    "config_kwargs": {"retries": storage.S3_RETRIES}}  # bounded retries by default
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # botocore's own variable then decides
+    assert "config_kwargs" not in storage.resolve_storage_options("s3://b/x.zarr")
     # explicit options win; local URLs get nothing from the environment
     assert storage.resolve_storage_options("s3://b/x", {"key": "k", "secret": "s"})["key"] == "k"
     assert storage.resolve_storage_options("/tmp/x.zarr") == {}
