@@ -27,6 +27,24 @@ path ``predict`` uses - with the training patch size as window and half of it as
 (predict's defaults), thresholded at 0.5. Without validation data there is no
 ``best.pth``.
 
+Training on your own data
+-------------------------
+* Layout: ``volumes/raw`` (z, y, x; uint8 or any integer/float type, attribute
+  ``resolution`` in nm) and ``volumes/labels/mito_ids`` (0 = background) of the same shape.
+  Every unlabelled voxel counts as background, so train on crops that are *fully*
+  annotated.
+* Each dataset is read whole into memory once per run (per process under DDP): crop
+  training volumes to what fits in RAM; validation volumes are predicted whole.
+* ``patch_size`` must be a multiple of the model's down-sampling factor (16 per axis for
+  the default 5-level backbones); validation volumes must be at least one patch large.
+* Sparse mitochondria: ``balance_patches: true`` (with ``min_positive_pixels``) and/or
+  ``loss_weights: [w_bg, w_fg]``.
+* Set ``target_res`` when the data's resolution differs from the one the model should
+  work at; ``predict`` reads it (and ``clahe``, the architecture, the patch size) from the
+  checkpoint.
+* GPU: ``num_workers: 2-4`` keeps augmentation off the training step; ``amp: true`` uses
+  bf16. CPU: ``batch_size >= 2``.
+
 Checkpoints and resuming
 ------------------------
 Checkpoints follow DESIGN.md (:func:`catena_mito.checkpoint.make_payload`) and carry the
@@ -52,8 +70,8 @@ initialises a process group when ``WORLD_SIZE > 1`` (NCCL on CUDA, Gloo on CPU),
 each rank its share of every epoch's patches (``batch_size`` is per rank), and lets only
 rank 0 validate and write. Batch-norm running statistics are averaged over the ranks after
 every epoch. At the end the ranks compare checksums of their weights (state dict) and the
-result is logged to ``metrics.jsonl``; diverged replicas are an error. On CPU use ``batch_size >= 2``: a batch of one
-3-D patch is several times slower per patch.
+result is logged to ``metrics.jsonl``; diverged replicas are an error. On CPU use
+``batch_size >= 2``: a batch of one 3-D patch is several times slower per patch.
 """
 
 from __future__ import annotations
@@ -65,6 +83,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -562,6 +581,8 @@ def _loop(
     from catena_mito.checkpoint import capture_rng_state, make_payload
 
     steps_per_epoch = len(loader)
+    if start_epoch >= config.epochs:
+        log.warning("the resumed run already completed %d of epochs=%d: nothing to train", start_epoch, config.epochs)
     progress = tqdm(
         total=(config.epochs - start_epoch) * steps_per_epoch, unit="step", desc="train",
         disable=not dist_info.main, mininterval=1.0, dynamic_ncols=True,
@@ -604,7 +625,8 @@ def _loop(
                 writer.save_preview(done, preview_png(val_volumes[0].raw[z], val_volumes[0].label[z], prob[z]))
                 progress.write(
                     f"epoch {done}: loss {record['train_loss']:.4f}, val dice "
-                    f"{metrics['val_dice']:.4f}, val IoU {metrics['val_iou']:.4f}"
+                    f"{metrics['val_dice']:.4f}, val IoU {metrics['val_iou']:.4f}",
+                    file=sys.stderr,
                 )
             dist_info.barrier()  # other ranks wait for rank 0's validation
             record["best_val_iou"] = best
