@@ -49,6 +49,7 @@ from torch import nn
 
 from catena_mito import __version__
 from catena_mito.errors import CatenaError, CheckpointError, StorageError
+from catena_mito.storage import redact_url, resolve_storage_options
 
 log = logging.getLogger(__name__)
 
@@ -198,24 +199,25 @@ def save_checkpoint(url: str, payload: Mapping[str, Any], storage_options: dict 
         CheckpointError: the payload is incomplete or holds objects ``weights_only`` refuses.
         StorageError: the URL cannot be written.
     """
-    _validate_payload(payload, url)
+    shown = redact_url(url)  # never a user:password@ part in messages
+    _validate_payload(payload, shown)
     _check_plain(payload, "payload")
     buffer = io.BytesIO()
     torch.save(dict(payload), buffer)
     data = buffer.getvalue()
 
     try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(url, **resolve_storage_options(url, storage_options))
     except (ValueError, ImportError) as e:
-        raise StorageError(f"cannot open checkpoint URL {url}: {e}") from e
+        raise StorageError(f"cannot open checkpoint URL {shown}: {e}") from e
     try:
         if isinstance(fs, LocalFileSystem):
             _save_local(path, data)
         else:
             _save_remote(fs, path, data)
     except OSError as e:
-        raise StorageError(f"cannot write checkpoint {url}: {e}") from e
-    log.info("saved checkpoint %s (%d bytes)", url, len(data))
+        raise StorageError(f"cannot write checkpoint {shown}: {e}") from e
+    log.info("saved checkpoint %s (%d bytes)", shown, len(data))
 
 
 def _save_local(path: str, data: bytes) -> None:
@@ -268,18 +270,19 @@ def load_checkpoint(
         code or objects that ``weights_only`` loading refuses (never retried unsafely);
         required keys are missing; the format version or ``model_type`` is unknown.
     """
+    shown = redact_url(url)  # never a user:password@ part in messages
     try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(url, **resolve_storage_options(url, storage_options))
         if not fs.exists(path):
-            raise CheckpointError(f"checkpoint not found: {url}")
+            raise CheckpointError(f"checkpoint not found: {shown}")
         with fs.open(path, "rb") as fh:
             data = fh.read()
     except CatenaError:
         raise
     except (OSError, ValueError, ImportError) as e:
-        raise CheckpointError(f"cannot read checkpoint {url}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {shown}: {e}") from e
     if not data:
-        raise CheckpointError(f"checkpoint {url} is empty (truncated or corrupt)")
+        raise CheckpointError(f"checkpoint {shown} is empty (truncated or corrupt)")
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols before refusing foreign pickles; the error says it.
@@ -291,18 +294,18 @@ def load_checkpoint(
         looks_like_pickle = data[:2] == b"PK" or data[:1] == b"\x80"
         if "Weights only load failed" in str(e) and looks_like_pickle:
             raise CheckpointError(
-                f"checkpoint {url} contains code or Python objects that weights_only loading "
+                f"checkpoint {shown} contains code or Python objects that weights_only loading "
                 f"refuses ({_weights_only_reason(str(e))}); it was not loaded"
             ) from e
         raise CheckpointError(
-            f"checkpoint {url} is truncated or corrupt (not a PyTorch zip archive or pickle)"
+            f"checkpoint {shown} is truncated or corrupt (not a PyTorch zip archive or pickle)"
         ) from e
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/EOFError/KeyError/... here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"checkpoint {url} is truncated or corrupt ({type(e).__name__}: {first})"
+            f"checkpoint {shown} is truncated or corrupt ({type(e).__name__}: {first})"
         ) from e
-    return _validate_payload(payload, url)
+    return _validate_payload(payload, shown)
 
 
 # --------------------------------------------------------------------------- weights
