@@ -131,7 +131,7 @@ class TrainConfig(JobConfig, _PatchFields):
     rotation_augs: bool = Field(True, description="Random in-plane 90-degree rotations and flips.")
     contrast_augs: bool = Field(True, description="Random contrast/intensity augmentations (MONAI).")
     model_loc: str | None = Field(None, description="Fine-tune from this checkpoint's weights (layers must match exactly).")
-    resume_checkpoint: str | None = Field(None, description="Continue a run exactly where it stopped (epoch, optimiser, RNG).")
+    resume_checkpoint: str | None = Field(None, description="Continue a run exactly where it stopped (epoch, optimiser, RNG). `auto`: from `<runs_dir>/<exp_name>/last.pth` if it exists, else start a new run (for retried pods and requeued jobs).")
     freeze_encoder: bool = Field(False, description="Freeze the encoder parameters (for transfer learning with `model_loc`).")
     model_type: ModelType = Field("monai_unet", description="Backbone: `monai_unet` (MONAI UNet) or `rs_unet` (residual symmetric U-Net).")
     model_params: dict[str, Any] = Field(default_factory=dict, description="Beyond the design. Backbone hyper-parameters overriding the defaults (e.g. `channels`).")

@@ -51,7 +51,9 @@ Checkpoints follow DESIGN.md (:func:`catena_mito.checkpoint.make_payload`) and c
 optimiser, scheduler and random-generator states. ``resume_checkpoint`` restores all of
 them and continues with the next epoch: on CPU with ``num_workers`` any value, a run of
 4 epochs and a run of 2 epochs resumed for 2 more end with bit-identical weights (patch
-order and augmentation depend only on ``(seed, epoch, draw)``). ``model_loc`` only loads
+order and augmentation depend only on ``(seed, epoch, draw)``). ``resume_checkpoint:
+auto`` resumes from ``<runs_dir>/<exp_name>/last.pth`` when it exists and starts a new run
+otherwise, so a killed and retried job continues by itself. ``model_loc`` only loads
 weights (fine-tuning); they must match the model exactly, or the run stops. With
 ``freeze_encoder`` the encoder parameters
 (:func:`catena_mito.models.encoder_parameter_names`) get ``requires_grad=False`` and are
@@ -136,6 +138,10 @@ class TrainResult:
 
 
 # --- building blocks ------------------------------------------------------------------------
+
+
+#: ``resume_checkpoint`` value meaning "``<runs_dir>/<exp_name>/last.pth`` if it exists".
+AUTO_RESUME = "auto"
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -408,6 +414,19 @@ class _RunWriter:
             storage.write_bytes(self.url("previews", f"epoch_{epoch:04d}.png"), data, self.options)
 
 
+def resolve_auto_resume(config: TrainConfig, run_url: str) -> TrainConfig:
+    """``resume_checkpoint: auto``: resume from ``<run_url>/last.pth`` when it exists, else
+    start fresh, so a retried or rescheduled pod continues without anyone editing the config."""
+    if config.resume_checkpoint != AUTO_RESUME:
+        return config
+    last = storage.join_url(run_url, "last.pth")
+    if storage.exists(last, storage.resolve_storage_options(last, config.storage_options)):
+        log.info("resume_checkpoint auto: resuming from %s", storage.redact_url(last))
+        return config.model_copy(update={"resume_checkpoint": last})
+    log.info("resume_checkpoint auto: no %s yet, starting a new run", storage.redact_url(last))
+    return config.model_copy(update={"resume_checkpoint": None})
+
+
 def _check_fresh_run(config: TrainConfig, run_url: str) -> None:
     """Refuse to overwrite a finished or running run unless it is being resumed."""
     options = storage.resolve_storage_options(run_url, config.storage_options)
@@ -415,7 +434,7 @@ def _check_fresh_run(config: TrainConfig, run_url: str) -> None:
     if config.resume_checkpoint is None and storage.exists(last, options):
         raise ConfigError(
             f"run directory {storage.redact_url(run_url)!r} already holds a run ({'last.pth'}); "
-            f"set resume_checkpoint: {storage.redact_url(last)} to continue it, or choose "
+            f"set resume_checkpoint: {storage.redact_url(last)} (or auto) to continue it, or choose "
             "another exp_name/runs_dir"
         )
 
@@ -466,6 +485,7 @@ def train(config: TrainConfig) -> TrainResult:
     from catena_mito.models import build_model, check_patch_size
 
     run_url = storage.join_url(config.runs_dir, config.exp_name)
+    config = resolve_auto_resume(config, run_url)
     check_patch_size(config.model_type, config.model_params, config.patch_size)
     _check_fresh_run(config, run_url)
 
