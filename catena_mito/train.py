@@ -520,6 +520,10 @@ def train(config: TrainConfig) -> TrainResult:
             dataset, batch_size=config.batch_size, sampler=sampler,
             num_workers=config.num_workers, pin_memory=device.type == "cuda",
             persistent_workers=config.num_workers > 0, drop_last=False,
+            # The loader draws worker seeds from this generator, not from the global one that
+            # dropout uses, so resuming (with workers started at another epoch) stays exact.
+            # Augmentation does not use worker seeds: it depends on (seed, epoch, draw) only.
+            generator=torch.Generator().manual_seed(config.seed),
         )
 
         # Model, optimiser, schedule; weights from model_loc or the resumed run.
