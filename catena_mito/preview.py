@@ -114,9 +114,17 @@ def _stretch_z(image: np.ndarray, factor: float) -> np.ndarray:
     return image[index]
 
 
+#: Small planes are enlarged by whole pixels (nearest neighbour, so voxels stay crisp and
+#: outlines stay one voxel wide) until their short side reaches this many pixels.
+MIN_PREVIEW_SIDE = 384
+
+
 def _png(image: np.ndarray) -> bytes:
     from PIL import Image
 
+    factor = max(1, -(-MIN_PREVIEW_SIDE // max(1, min(image.shape[:2]))))
+    if factor > 1:
+        image = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -38,7 +38,27 @@ def _load(url):
     return image
 
 
-def test_files_sizes_and_outlines(dataset, tmp_path):
+@pytest.fixture
+def native_size(monkeypatch):
+    """Previews at one pixel per voxel, so pixel positions are voxel positions."""
+    import catena_mito.preview as module
+
+    monkeypatch.setattr(module, "MIN_PREVIEW_SIDE", 1)
+
+
+def test_small_planes_are_enlarged_by_whole_pixels(dataset, tmp_path):
+    import catena_mito.preview as module
+
+    out = str(tmp_path / "big") + "/"
+    preview(dataset, out, z=[1], orthogonal=False)
+    image = np.asarray(_load(out + "z00001_raw.png"))
+    factor = -(-module.MIN_PREVIEW_SIDE // 20)
+    assert image.shape == (20 * factor, 30 * factor)
+    small = image[::factor, ::factor]
+    np.testing.assert_array_equal(np.repeat(np.repeat(small, factor, 0), factor, 1), image)
+
+
+def test_files_sizes_and_outlines(dataset, tmp_path, native_size):
     out = str(tmp_path / "prev") + "/"
     urls = preview(dataset, out, z=[1, 4])
     names = sorted(u[len(out):] for u in urls)
