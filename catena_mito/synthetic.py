@@ -917,37 +917,17 @@ def write_synthetic_dataset(
         {"synthetic": {"seed": vol.seed, "shape": list(vol.shape), "resolution": list(vol.resolution)}}
     )
     attrs = storage.spatial_attrs(vol.resolution, (0, 0, 0))
+    layout = {
+        "raw": (storage.RAW_PATH, np.uint8),
+        "mito_ids": (storage.LABEL_PATHS["mito"], np.uint32),
+        "neuron_ids": (storage.LABEL_PATHS["neuron"], np.uint32),
+    }
     arrays = {
-        "raw": storage.create_array(
-            storage.join_url(url, storage.RAW_PATH),
-            vol.shape,
-            np.uint8,
-            chk,
-            overwrite=True,
-            attrs=attrs,
-            storage_options=storage_options,
-            zarr_format=zarr_format,
-        ),
-        "mito_ids": storage.create_array(
-            storage.join_url(url, storage.LABEL_PATHS["mito"]),
-            vol.shape,
-            np.uint32,
-            chk,
-            overwrite=True,
-            attrs=attrs,
-            storage_options=storage_options,
-            zarr_format=zarr_format,
-        ),
-        "neuron_ids": storage.create_array(
-            storage.join_url(url, storage.LABEL_PATHS["neuron"]),
-            vol.shape,
-            np.uint32,
-            chk,
-            overwrite=True,
-            attrs=attrs,
-            storage_options=storage_options,
-            zarr_format=zarr_format,
-        ),
+        key: storage.create_array(
+            storage.join_url(url, path), vol.shape, dtype, chk, overwrite=True, attrs=attrs,
+            storage_options=storage_options, zarr_format=zarr_format,
+        )
+        for key, (path, dtype) in layout.items()
     }
     tiles = list(_tiles(vol.shape, chk))
     blocks = _render_tiles(vol, tiles)

@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 import yaml
 from test_deploy import REPO, URL_FIELDS, env_of, load_docs
+from test_predict import MODEL_PARAMS, deterministic_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
 SHAPE = (48, 64, 64)  # z, y, x voxels of the synthetic volume
-MODEL_PARAMS = {"channels": (4, 8), "strides": (2,), "num_res_units": 1}
 #: Shards of each Indexed Job (its `completions` and CATENA_NUM_SHARDS). The relabel phase
 #: "need not match the blocks phase" (k8s/label-job.yaml): it does not here.
 NUM_SHARDS = {"catena-predict": 3, "catena-label-blocks": 3, "catena-label-relabel": 2}
@@ -183,21 +183,10 @@ def write_config(path: Path, config: dict) -> Path:
 
 
 def save_tiny_checkpoint(url: str, storage_options: dict) -> None:
-    """A small, deterministic monai_unet (as tests/test_predict.py builds it) saved to ``url``."""
-    import torch
-
+    """The small, deterministic monai_unet of tests/test_predict.py, saved to ``url``."""
     from catena_mito.checkpoint import make_payload, save_checkpoint
-    from catena_mito.models import build_model
 
-    torch.manual_seed(0)
-    model = build_model("monai_unet", **MODEL_PARAMS)
-    # non-trivial batch-norm statistics so the output is not ~0.5 everywhere
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm3d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.05, 0.2)
-    model.eval()
+    model = deterministic_model()
     train_cfg = {
         "patch_size": PREDICT_SIZES["patch_size"],
         "stride": PREDICT_SIZES["stride"],

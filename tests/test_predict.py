@@ -42,8 +42,8 @@ def write_dataset(url: str, raw: np.ndarray, resolution=(8.0, 8.0, 8.0)) -> str:
     return url
 
 
-@pytest.fixture(scope="module")
-def model_and_ckpt(tmp_path_factory):
+def deterministic_model() -> torch.nn.Module:
+    """A tiny monai_unet with fixed weights, in eval mode (also used by test_indexed_jobs)."""
     torch.manual_seed(0)
     model = build_model("monai_unet", **MODEL_PARAMS)
     # non-trivial batch-norm statistics so the output is not ~0.5 everywhere
@@ -52,7 +52,12 @@ def model_and_ckpt(tmp_path_factory):
             if isinstance(m, torch.nn.BatchNorm3d):
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.05, 0.2)
-    model.eval()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model_and_ckpt(tmp_path_factory):
+    model = deterministic_model()
     path = str(tmp_path_factory.mktemp("ckpt") / "model.pth")
     train_cfg = {"patch_size": list(PATCH), "stride": [4, 8, 8], "clahe": False,
                  "original_res": None, "target_res": None, "label_type": "mito"}
