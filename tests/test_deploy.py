@@ -187,6 +187,22 @@ def test_secrets_only_by_reference(item):
 
 
 @pytest.mark.parametrize("item", jobs(), ids=job_id)
+def test_threads_follow_the_cpu_limit(item):
+    """torch would start one thread per node CPU; the container's limit decides instead."""
+    _, job = item
+    for c in job["spec"]["template"]["spec"]["containers"]:
+        ref = env_of(c)["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]
+        assert ref["resource"] == "limits.cpu" and "cpu" in c["resources"]["limits"]
+
+
+def test_slurm_scripts_set_threads_from_the_allocation():
+    for script in sorted((REPO / "jobs" / "slurm").glob("*.sbatch")):
+        text = script.read_text()
+        assert 'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"' in text, script.name
+        assert text.index("OMP_NUM_THREADS") < text.index("exec apptainer"), script.name
+
+
+@pytest.mark.parametrize("item", jobs(), ids=job_id)
 def test_failure_policy_matches_cli_exit_codes(item):
     """Exit 2 (ConfigError) fails the Job at once; disruptions do not count as failures."""
     from catena_mito.errors import ConfigError

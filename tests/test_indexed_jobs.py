@@ -108,6 +108,10 @@ class Pod:
         for name, entry in env_of(self.container).items():
             if "value" in entry:
                 self.env[name] = self.local_path(entry["value"])
+            elif "resourceFieldRef" in entry["valueFrom"]:
+                # OMP_NUM_THREADS from the CPU limit: every process here is pinned to one
+                # thread instead (base_env), which bitwise equality across processes needs.
+                assert name in self.env, name
             else:
                 ref = entry["valueFrom"]["secretKeyRef"]
                 assert ref["name"] == "catena-s3", entry
