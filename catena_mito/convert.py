@@ -27,7 +27,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,24 +221,18 @@ def _h5_file(file_url: str, storage_options: Mapping[str, Any] | None):
     """An open ``h5py.File``: by path when local, through an fsspec file object otherwise."""
     import h5py
 
-    if storage.is_local(file_url):
-        path = storage.local_path(file_url)
-        if not os.path.exists(path):
-            raise StorageError(f"{storage.redact_url(file_url)!r} does not exist")
+    with ExitStack() as stack:
+        if storage.is_local(file_url):  # by path: h5py reads a local file fastest itself
+            source = storage.local_path(file_url)
+            if not os.path.exists(source):
+                raise StorageError(f"{storage.redact_url(file_url)!r} does not exist")
+        else:
+            source = stack.enter_context(_open_binary(file_url, storage_options))
         try:
-            h5 = h5py.File(path, "r")
+            h5 = stack.enter_context(h5py.File(source, "r"))
         except Exception as e:
             raise DataError(f"cannot read HDF5 file {storage.redact_url(file_url)!r}: {type(e).__name__}: {e}") from e
-        with h5:
-            yield h5
-        return
-    with _open_binary(file_url, storage_options) as f:
-        try:
-            h5 = h5py.File(f, "r")
-        except Exception as e:
-            raise DataError(f"cannot read HDF5 file {storage.redact_url(file_url)!r}: {type(e).__name__}: {e}") from e
-        with h5:
-            yield h5
+        yield h5
 
 
 @contextmanager
