@@ -163,7 +163,7 @@ def done_dirs(job: Job) -> list[Path]:
 
 def storage_markers(output_url: str, storage_options: dict | None = None):
     """A callable returning the predict blocks marked done at ``output_url`` (any URL)."""
-    from catena_mito.markers import DoneMarkers
+    from catena_mito.blockwise.markers import DoneMarkers
 
     return DoneMarkers(output_url, "predict", storage_options).done_indices
 
@@ -236,7 +236,7 @@ def check_markers(job: Job, reference: np.ndarray) -> tuple[int, list[str]]:
             problems.append(f"label merge marked done without maps {missing[:5]}")
     relabel = sorted((work / "relabel" / "done").glob("*.json"))
     if relabel:
-        from catena_mito.geometry import BlockGrid
+        from catena_mito.blockwise.geometry import BlockGrid
 
         out = storage.open_array(job.output_url)
         grid = BlockGrid(LABEL_SHAPE, LABEL_CHUNK)

@@ -112,7 +112,7 @@ def write_noise(url: str, size: int, chunk: int = 64) -> None:
 
 def forward_calls(size: int, block: int, patch: int, stride: int, batch: int) -> tuple[int, int, int]:
     """(forward calls, windows, whole-volume windows) of predict with this geometry."""
-    from catena_mito.geometry import BlockGrid
+    from catena_mito.blockwise.geometry import BlockGrid
     from catena_mito.inference import WindowGrid
 
     grid = WindowGrid((size,) * 3, (patch,) * 3, (stride,) * 3)

@@ -111,7 +111,7 @@ def train(config_path: str, overrides: tuple[str, ...]) -> None:
 @_shard_options
 def predict(config_path: str, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None, overwrite: bool) -> None:
     """Sliding-window inference, block by block, writing a probability volume."""
-    from catena_mito.sharding import resolve_shard
+    from catena_mito.blockwise.sharding import resolve_shard
 
     config = _load("PredictConfig", config_path, overrides)
     index, count = resolve_shard(shard_index, num_shards)
@@ -133,7 +133,7 @@ def predict(config_path: str, overrides: tuple[str, ...], shard_index: int | Non
 )
 def label(config_path: str, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None, overwrite: bool, phase: str, wait_timeout: float) -> None:
     """Threshold, connected components and small-instance removal, stitched into global ids."""
-    from catena_mito.sharding import resolve_shard
+    from catena_mito.blockwise.sharding import resolve_shard
 
     config = _load("LabelConfig", config_path, overrides)
     index, count = resolve_shard(shard_index, num_shards)

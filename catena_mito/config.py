@@ -169,7 +169,7 @@ class PredictConfig(JobConfig, _PatchFields):
 
     @model_validator(mode="after")
     def _block_multiple_of_chunks(self):
-        from catena_mito.geometry import check_chunk_alignment
+        from catena_mito.blockwise.geometry import check_chunk_alignment
 
         try:
             check_chunk_alignment(self.block_shape, self.output_chunks)

@@ -57,7 +57,7 @@ from torch.utils.data import Dataset, Sampler
 
 from catena_mito import storage
 from catena_mito.errors import ConfigError, DataError
-from catena_mito.geometry import Coord, as_coord
+from catena_mito.blockwise.geometry import Coord, as_coord
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from catena_mito import storage
 from catena_mito.errors import DataError, StorageError
-from catena_mito.geometry import BlockGrid, as_coord
+from catena_mito.blockwise.geometry import BlockGrid, as_coord
 from catena_mito.instance_metrics import Contingency, SemanticCounts, instance_scores
 
 log = logging.getLogger(__name__)

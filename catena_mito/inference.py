@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from catena_mito.errors import ConfigError, DataError
-from catena_mito.geometry import Coord, Roi, as_coord
+from catena_mito.blockwise.geometry import Coord, Roi, as_coord
 
 #: Gaussian sigma as a fraction of the patch size (MONAI's default).
 SIGMA_SCALE = 0.125
@@ -303,7 +303,7 @@ def predict_block(
     block: Any,
     grid: WindowGrid,
 ) -> np.ndarray:
-    """Probabilities of a :class:`~catena_mito.geometry.Block`'s write region (model grid).
+    """Probabilities of a :class:`~catena_mito.blockwise.geometry.Block`'s write region (model grid).
 
     The block's own ``read_roi`` is not used: the read region is the union of the windows
     that touch the write region (:meth:`WindowGrid.read_roi`).

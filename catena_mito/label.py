@@ -64,8 +64,8 @@ import numpy as np
 from catena_mito import storage
 from catena_mito.config import LabelConfig, save_resolved_config
 from catena_mito.errors import CatenaError, ConfigError, DataError, ShardError, StorageError
-from catena_mito.geometry import Block, BlockGrid, Roi, check_shard, select_shard
-from catena_mito.markers import DoneMarkers
+from catena_mito.blockwise.geometry import Block, BlockGrid, Roi, check_shard, select_shard
+from catena_mito.blockwise.markers import DoneMarkers
 from catena_mito.stitch import BlockResult, boundary_pairs, forward_offsets, global_table
 
 log = logging.getLogger(__name__)

@@ -59,8 +59,8 @@ import numpy as np
 from catena_mito import storage
 from catena_mito.config import PredictConfig, save_resolved_config
 from catena_mito.errors import CheckpointError, ConfigError, DataError
-from catena_mito.geometry import Block, BlockGrid, Coord, Roi, check_shard, select_shard
-from catena_mito.markers import DoneMarkers
+from catena_mito.blockwise.geometry import Block, BlockGrid, Coord, Roi, check_shard, select_shard
+from catena_mito.blockwise.markers import DoneMarkers
 from catena_mito.preprocess import GridMap, Preprocessor, normalize
 
 log = logging.getLogger(__name__)

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from catena_mito.errors import ConfigError, DataError
-from catena_mito.geometry import Coord, Roi, as_coord
+from catena_mito.blockwise.geometry import Coord, Roi, as_coord
 
 Resolution = tuple[float, float, float]
 

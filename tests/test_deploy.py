@@ -393,7 +393,7 @@ def test_sbatch_scripts_run_the_image_with_shards_from_slurm(tmp_path, script, s
         tmp_path,
         "apptainer",
         f'printf "%s\\n" "$@" > {record}\n'
-        f'{sys.executable} -c "from catena_mito.sharding import resolve_shard; '
+        f'{sys.executable} -c "from catena_mito.blockwise.sharding import resolve_shard; '
         f"print('shard', *resolve_shard())\"\n",
     )
     slurm_env = {

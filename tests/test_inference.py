@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from catena_mito.errors import ConfigError, DataError
-from catena_mito.geometry import BlockGrid, Roi
+from catena_mito.blockwise.geometry import BlockGrid, Roi
 from catena_mito.inference import (
     MIN_WEIGHT,
     ModelRunner,

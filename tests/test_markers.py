@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from catena_mito.markers import DoneMarkers
+from catena_mito.blockwise.markers import DoneMarkers
 
 
 @pytest.fixture(params=["local", "memory"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from catena_mito.errors import ShardError
-from catena_mito.sharding import resolve_shard
+from catena_mito.blockwise.sharding import resolve_shard
 
 
 @pytest.mark.parametrize(

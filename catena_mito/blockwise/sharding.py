@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 
 from catena_mito.errors import ShardError
-from catena_mito.geometry import check_shard
+from catena_mito.blockwise.geometry import check_shard
 
 #: Environment variables read for the shard index, in order of precedence.
 INDEX_ENV = ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID")
