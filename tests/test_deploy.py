@@ -366,12 +366,43 @@ def fake_bin(tmp_path: Path, name: str, body: str) -> None:
 def run_script(tmp_path: Path, script: Path, *args: str, env: dict[str, str] | None = None):
     full_env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", **(env or {})}
     # The scheduler variables of whatever runs the tests must not leak into the script.
-    for var in ("JOB_COMPLETION_INDEX", "CATENA_NUM_SHARDS", "SLURM_JOB_ID"):
-        if var not in (env or {}):
-            full_env.pop(var, None)
+    for var in list(full_env):
+        if var.startswith(("JOB_COMPLETION_INDEX", "CATENA_", "SLURM_")) and var not in (env or {}):
+            full_env.pop(var)
     return subprocess.run(
         ["bash", str(script), *args], capture_output=True, text=True, env=full_env, cwd=tmp_path
     )
+
+
+SHARDED_SCRIPTS = ("predict.sbatch", "label-blocks.sbatch", "label-relabel.sbatch")
+
+
+def slurm_array(task_id: int, *tasks: int) -> dict[str, str]:
+    """The variables Slurm sets in one task of an array made of ``tasks``."""
+    return {
+        "SLURM_ARRAY_TASK_ID": str(task_id),
+        "SLURM_ARRAY_TASK_COUNT": str(len(tasks)),
+        "SLURM_ARRAY_TASK_MIN": str(min(tasks)),
+        "SLURM_ARRAY_TASK_MAX": str(max(tasks)),
+    }
+
+
+def fake_apptainer(tmp_path: Path) -> Path:
+    """A stand-in `apptainer` that records its arguments and resolves the shard as the CLI
+    would inside the container (one line: `shard INDEX COUNT`, or the error, exit 2)."""
+    record = tmp_path / "apptainer.args"
+    fake_bin(
+        tmp_path,
+        "apptainer",
+        f'printf "%s\\n" "$@" > {record}\n'
+        f'exec {sys.executable} -c "import sys\n'
+        "from catena_mito.blockwise.sharding import resolve_shard\n"
+        "from catena_mito.errors import ShardError\n"
+        "try: print('shard', *resolve_shard())\n"
+        "except ShardError as e: sys.exit(f'error: {e}')\n"
+        '"\n',
+    )
+    return record
 
 
 @pytest.mark.parametrize(
@@ -386,21 +417,11 @@ def run_script(tmp_path: Path, script: Path, *args: str, env: dict[str, str] | N
     ],
 )
 def test_sbatch_scripts_run_the_image_with_shards_from_slurm(tmp_path, script, subcommand, gpu):
-    """Run each sbatch script with a stand-in `apptainer` that records its arguments and
-    resolves the shard as the CLI would inside the container."""
-    record = tmp_path / "apptainer.args"
-    fake_bin(
-        tmp_path,
-        "apptainer",
-        f'printf "%s\\n" "$@" > {record}\n'
-        f'{sys.executable} -c "from catena_mito.blockwise.sharding import resolve_shard; '
-        f"print('shard', *resolve_shard())\"\n",
-    )
-    slurm_env = {
-        "SLURM_ARRAY_TASK_ID": "5",
-        "SLURM_ARRAY_TASK_COUNT": "8",
-        "SLURM_ARRAY_TASK_MIN": "0",
-    }
+    """Run each sbatch script, as the task 5 of its default array, with a stand-in
+    `apptainer`."""
+    record = fake_apptainer(tmp_path)
+    sharded = script in SHARDED_SCRIPTS
+    slurm_env = slurm_array(5, *range(8)) if sharded else {}
     result = run_script(tmp_path, REPO / "jobs/slurm" / script, "my.yaml", env=slurm_env)
     assert result.returncode == 0, result.stderr
     args = record.read_text().split("\n")[:-1]
@@ -412,10 +433,76 @@ def test_sbatch_scripts_run_the_image_with_shards_from_slurm(tmp_path, script, s
     assert rest[rest.index("--config") + 1] == "my.yaml"
     for flag in subcommand[1:]:
         assert flag in rest
-    # No explicit shard flags: the CLI reads SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT.
+    # No explicit shard flags: the CLI reads SLURM_ARRAY_TASK_ID / CATENA_NUM_SHARDS.
     assert "--shard-index" not in rest and "--num-shards" not in rest
-    if script in ("predict.sbatch", "label-blocks.sbatch", "label-relabel.sbatch"):
+    if sharded:
         assert "shard 5 8" in result.stdout
+    elif script != "train.sbatch":
+        assert "shard 0 1" in result.stdout
+
+
+def sbatch_array_default(text: str) -> str | None:
+    found = re.search(r"^#SBATCH --array=(\S+)$", text, re.M)
+    return found and found.group(1)
+
+
+@pytest.mark.parametrize("script", SHARDED_SCRIPTS)
+def test_sharded_sbatch_scripts_state_their_shard_count(script):
+    """The count is CATENA_NUM_SHARDS, exported at the top with the default that matches
+    the `#SBATCH --array=0-(N-1)` default; the task id is the shard index."""
+    text = (REPO / "jobs/slurm" / script).read_text()
+    found = re.search(r'^export CATENA_NUM_SHARDS=\$\{CATENA_NUM_SHARDS:-(\d+)\}$', text, re.M)
+    assert found, script
+    assert sbatch_array_default(text) == f"0-{int(found.group(1)) - 1}"
+    assert text.index("export CATENA_NUM_SHARDS") < text.index("exec apptainer")
+    assert "0..N-1" in text and "--array=5" in text
+
+
+@pytest.mark.parametrize("script", ["label-merge.sbatch", "label-clean.sbatch"])
+def test_single_process_sbatch_scripts_are_one_shard(tmp_path, script):
+    text = (REPO / "jobs/slurm" / script).read_text()
+    assert sbatch_array_default(text) is None
+    assert re.search(r"^export CATENA_NUM_SHARDS=1$", text, re.M)
+    # A count exported in the submitting shell does not leak into the one process.
+    fake_apptainer(tmp_path)
+    result = run_script(tmp_path, REPO / "jobs/slurm" / script, "my.yaml",
+                        env={"CATENA_NUM_SHARDS": "8"})
+    assert result.returncode == 0, result.stderr
+    assert "shard 0 1" in result.stdout
+
+
+@pytest.mark.parametrize("script", SHARDED_SCRIPTS)
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        # one failed task resubmitted alone: `sbatch --array=5 ...`
+        (slurm_array(5, 5), "shard 5 8"),
+        # `--array=3,5`
+        (slurm_array(5, 3, 5), "shard 5 8"),
+        (slurm_array(3, 3, 5), "shard 3 8"),
+        # a bigger run: CATENA_NUM_SHARDS=16 sbatch --array=0-15 ...
+        ({**slurm_array(12, *range(16)), "CATENA_NUM_SHARDS": "16"}, "shard 12 16"),
+        # ... and one of its tasks resubmitted with the same count
+        ({**slurm_array(12, 12), "CATENA_NUM_SHARDS": "16"}, "shard 12 16"),
+    ],
+    ids=["array=5", "array=3,5:5", "array=3,5:3", "16-shards", "16-shards:array=12"],
+)
+def test_resubmitted_slurm_tasks_keep_their_shard(tmp_path, script, env, expected):
+    """Once, `--array=5` became shard 0 of 1, the whole volume, next to running tasks."""
+    fake_apptainer(tmp_path)
+    result = run_script(tmp_path, REPO / "jobs/slurm" / script, "my.yaml", env=env)
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout
+
+
+@pytest.mark.parametrize("script", SHARDED_SCRIPTS)
+def test_a_task_beyond_the_shard_count_is_refused(tmp_path, script):
+    # `sbatch --array=0-15` without CATENA_NUM_SHARDS=16: tasks 8..15 fail, none wraps.
+    fake_apptainer(tmp_path)
+    result = run_script(tmp_path, REPO / "jobs/slurm" / script, "my.yaml",
+                        env=slurm_array(9, *range(16)))
+    assert result.returncode != 0
+    assert "shard_index must be in [0, 8), got 9" in result.stderr
 
 
 def test_label_sh_chains_the_phases_with_dependencies(tmp_path):
@@ -432,6 +519,9 @@ def test_label_sh_chains_the_phases_with_dependencies(tmp_path):
     assert result.returncode == 0, result.stderr
     blocks, merge, relabel, clean = log.read_text().splitlines()
     assert "--array=0-3" in blocks and "label-blocks.sbatch cfg.yaml" in blocks
+    # The count travels with the array, so every task is shard i of 4 of the same run.
+    for line in (blocks, relabel):
+        assert "--export=ALL,CATENA_NUM_SHARDS=4 " in line
     assert "--dependency=afterok:1001 " in merge and "label-merge.sbatch cfg.yaml" in merge
     assert "--dependency=afterok:1002 " in relabel and "--array=0-3" in relabel
     assert "label-relabel.sbatch cfg.yaml" in relabel

@@ -5,6 +5,9 @@
 # SHARDS) --afterok--> clean (one job: summary, intermediate files removed)
 # If a phase fails, the later ones stay pending with reason DependencyNeverSatisfied;
 # cancel them (scancel), fix the cause and run this script again: done blocks are skipped.
+# Or resubmit only a failed task of an array with the same count, e.g. task 5 of 8:
+#   CATENA_NUM_SHARDS=8 sbatch --array=5 jobs/slurm/label-blocks.sbatch CONFIG
+# (task id = shard index; the arrays are 0..SHARDS-1).
 # Environment knobs (CATENA_SIF, CATENA_BIND, AWS_*) are passed on by sbatch.
 set -euo pipefail
 
@@ -20,11 +23,13 @@ fi
 # --parsable prints "jobid" or "jobid;cluster"; keep the id.
 submit() { sbatch --parsable "$@" | cut -d';' -f1; }
 
-blocks=$(submit --array="0-$((SHARDS - 1))" "$HERE/label-blocks.sbatch" "$CONFIG")
+# The array of SHARDS tasks is 0..SHARDS-1 and each task is told SHARDS, so a task
+# resubmitted alone later (CATENA_NUM_SHARDS=SHARDS sbatch --array=5 ...) is the same shard.
+array=(--array="0-$((SHARDS - 1))" --export="ALL,CATENA_NUM_SHARDS=$SHARDS")
+blocks=$(submit "${array[@]}" "$HERE/label-blocks.sbatch" "$CONFIG")
 # afterok on an array job waits for every task of the array to succeed.
 merge=$(submit --dependency="afterok:$blocks" "$HERE/label-merge.sbatch" "$CONFIG")
-relabel=$(submit --dependency="afterok:$merge" --array="0-$((SHARDS - 1))" \
-    "$HERE/label-relabel.sbatch" "$CONFIG")
+relabel=$(submit --dependency="afterok:$merge" "${array[@]}" "$HERE/label-relabel.sbatch" "$CONFIG")
 clean=$(submit --dependency="afterok:$relabel" "$HERE/label-clean.sbatch" "$CONFIG")
 
 echo "submitted label for $CONFIG in $SHARDS shards:"
