@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from catena_mito.blockwise.cpus import available_cpus
 from catena_mito.errors import ConfigError, DataError
 
 __all__ = [
@@ -846,7 +846,8 @@ def _render_tiles(
     numpy releases the GIL in the heavy loops, so threads give a near-linear speed-up; at
     most ``2 * workers`` blocks are in flight, so memory stays bounded for huge volumes.
     """
-    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    # The CPUs this process may use (affinity, cgroup quota), not the node's count.
+    workers = workers or min(4, available_cpus())
     if workers == 1 or len(tiles) == 1:
         for off, shp in tiles:
             yield off, shp, vol.render(off, shp)
