@@ -22,10 +22,30 @@ import yaml
 from catena_mito.config import LabelConfig, PredictConfig, TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-K8S = sorted((REPO / "k8s").glob("*.yaml"))
+#: The manifests (Kubernetes objects); k8s/kustomization.yaml is kustomize's, not one.
+K8S = sorted(p for p in (REPO / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
 JOB_CONFIGS = sorted((REPO / "jobs").rglob("*.yaml"))
 SLURM = sorted((REPO / "jobs" / "slurm").iterdir())
-K8S_VERSION = "1.30.0"
+#: The oldest Kubernetes the manifests support (backoffLimitPerIndex, podReplacementPolicy).
+K8S_OLDEST = "1.29.0"
+
+
+def newest_schema_version() -> str:
+    """The newest Kubernetes version the installed kubernetes-validate has strict schemas for."""
+    from importlib.resources import files
+
+    from packaging.version import Version
+
+    found = [
+        m.group(1)
+        for entry in files("kubernetes_validate").joinpath("kubernetes-json-schema").iterdir()
+        if (m := re.fullmatch(r"v(\d+\.\d+\.\d+)-local-strict", entry.name))
+    ]
+    assert found, "kubernetes-validate ships no strict schemas"
+    return max(found, key=Version)
+
+
+K8S_VERSIONS = (K8S_OLDEST, newest_schema_version())
 CONFIG_CLASSES = {"train": TrainConfig, "predict": PredictConfig, "label": LabelConfig}
 UID = 10001
 #: Config fields that hold a URL (an output or input location, not a name inside one).
@@ -86,9 +106,10 @@ def test_files_exist():
 # --- Kubernetes: schema -------------------------------------------------------------------
 
 
-def test_manifests_pass_strict_schema_validation():
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_manifests_pass_strict_schema_validation(version):
     result = subprocess.run(
-        [venv_tool("kubernetes-validate"), "--strict", "-k", K8S_VERSION, *map(str, K8S)],
+        [venv_tool("kubernetes-validate"), "--strict", "-k", version, *map(str, K8S)],
         capture_output=True,
         text=True,
     )
@@ -98,7 +119,8 @@ def test_manifests_pass_strict_schema_validation():
     assert len(passed) == len(all_docs())
 
 
-def test_strict_validation_rejects_an_unknown_field(tmp_path):
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_strict_validation_rejects_an_unknown_field(tmp_path, version):
     # Guards the test above: a typo in a manifest must fail, or passing means nothing.
     docs = load_docs(REPO / "k8s" / "predict-job.yaml")
     job = next(d for d in docs if d["kind"] == "Job")
@@ -106,11 +128,27 @@ def test_strict_validation_rejects_an_unknown_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump_all(docs))
     result = subprocess.run(
-        [venv_tool("kubernetes-validate"), "--strict", "-k", K8S_VERSION, str(bad)],
+        [venv_tool("kubernetes-validate"), "--strict", "-k", version, str(bad)],
         capture_output=True,
         text=True,
     )
     assert result.returncode != 0
+
+
+def test_versions_under_test_are_the_supported_range():
+    from packaging.version import Version
+
+    oldest, newest = map(Version, K8S_VERSIONS)
+    assert oldest < newest
+    assert Version(newest_schema_version()) >= Version("1.33")  # backoffLimitPerIndex GA
+
+
+@pytest.mark.parametrize("path", K8S, ids=lambda p: p.name)
+def test_manifests_state_the_oldest_kubernetes(path):
+    header = path.read_text().split("\napiVersion:", 1)[0]
+    assert "Needs Kubernetes >= 1.29" in header, path.name
+    assert K8S_OLDEST.startswith("1.29")
+    assert "Kubernetes >= 1.29" in (REPO / "docs" / "deploy.md").read_text()
 
 
 # --- Kubernetes: what the schema cannot check ---------------------------------------------
@@ -202,19 +240,52 @@ def test_slurm_scripts_set_threads_from_the_allocation():
         assert text.index("OMP_NUM_THREADS") < text.index("exec apptainer"), script.name
 
 
+def pod_failure_action(job: dict, exit_code: int, conditions: tuple[str, ...] = ()) -> str:
+    """What the Job controller does with a failed pod: the first matching rule of the
+    podFailurePolicy, else "Count" (the default: a failure against the backoff limit)."""
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    for rule in job["spec"].get("podFailurePolicy", {}).get("rules", []):
+        on_codes = rule.get("onExitCodes")
+        if on_codes is not None:
+            if on_codes.get("containerName", c["name"]) != c["name"]:
+                continue
+            hit = exit_code in on_codes["values"]
+            if (on_codes["operator"] == "In") == hit:
+                return rule["action"]
+        for cond in rule.get("onPodConditions", []):
+            if cond["type"] in conditions and cond.get("status", "True") == "True":
+                return rule["action"]
+    return "Count"
+
+
+#: The CLI's exit code when SIGTERM stops it (128 + 15).
+SIGTERM_EXIT = 143
+
+
 @pytest.mark.parametrize("item", jobs(), ids=job_id)
 def test_failure_policy_matches_cli_exit_codes(item):
-    """Exit 2 (ConfigError) fails the Job at once; disruptions do not count as failures."""
-    from catena_mito.errors import ConfigError
+    """Exit 2 (ConfigError) fails the Job at once; disruptions do not count as failures;
+    a SIGTERM exit (143) is never taken for a config error."""
+    from catena_mito import errors
 
     _, job = item
+    fatal = ("FailJob", "FailIndex")
+    assert pod_failure_action(job, errors.ConfigError.exit_code) in fatal
+    assert pod_failure_action(job, errors.CatenaError.exit_code) == "Count"
+    stopped = getattr(errors, "Stopped", None)  # the CLI's SIGTERM exit
+    if stopped is not None:
+        assert stopped.exit_code == SIGTERM_EXIT
+    # Drained, preempted or evicted: the pod has the DisruptionTarget condition and exits
+    # 143 (or is killed: 137), and whatever its code the retry is not counted.
+    for code in (SIGTERM_EXIT, 137, 1, errors.ConfigError.exit_code):
+        assert pod_failure_action(job, code, ("DisruptionTarget",)) == "Ignore", code
+    # SIGTERM without a disruption (kubectl delete pod): a counted, retried failure.
+    assert pod_failure_action(job, SIGTERM_EXIT) == "Count"
     rules = job["spec"]["podFailurePolicy"]["rules"]
-    fail_fast = [r for r in rules if r["action"] in ("FailJob", "FailIndex")]
-    assert any(ConfigError.exit_code in r["onExitCodes"]["values"] for r in fail_fast)
-    assert any(
-        r["action"] == "Ignore" and r["onPodConditions"][0]["type"] == "DisruptionTarget"
-        for r in rules
-    )
+    for r in rules:
+        if r["action"] in fatal:
+            assert SIGTERM_EXIT not in r["onExitCodes"]["values"]
+            assert r["onExitCodes"]["operator"] == "In"
 
 
 def indexed_jobs() -> list[tuple[Path, dict]]:
@@ -276,6 +347,13 @@ def test_label_phases_run_in_order_from_one_apply():
         assert timeouts[phase] > 0
     assert timeouts["relabel"] > timeouts["merge"]
     assert "--wait-timeout" not in phases["blocks"][1]
+    # A waiting Job is bounded as a whole, beyond its wait (the wait, then the work), so
+    # one whose input never comes does not hold its pods for ever.
+    deadlines = {}
+    for phase in ("merge", "relabel"):
+        deadlines[phase] = phases[phase][0]["spec"]["activeDeadlineSeconds"]
+        assert deadlines[phase] >= timeouts[phase] + 3600, phase
+    assert deadlines["relabel"] > deadlines["merge"]
 
 
 def configmap_configs() -> list[tuple[str, str, str]]:
@@ -306,6 +384,86 @@ def test_configmaps_are_mounted_under_the_names_the_args_use():
         for job in (d for d in docs if d["kind"] == "Job"):
             (c,) = job["spec"]["template"]["spec"]["containers"]
             assert Path(c["args"][2]).name in keys, (path.name, c["args"])
+
+
+# --- kustomize ----------------------------------------------------------------------------
+
+KUSTOMIZATION = REPO / "k8s" / "kustomization.yaml"
+
+
+def kustomization() -> dict:
+    return yaml.safe_load(KUSTOMIZATION.read_text())
+
+
+def object_key(doc: dict) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+def test_kustomization_lists_existing_manifests():
+    k = kustomization()
+    assert k["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
+    assert k["kind"] == "Kustomization"
+    resources = k["resources"]
+    assert len(resources) == len(set(resources))
+    for name in resources:
+        assert (KUSTOMIZATION.parent / name).is_file(), name
+    assert {"train-job.yaml", "predict-job.yaml", "label-job.yaml"} <= set(resources)
+    # No generator that would define the files' own ConfigMaps a second time.
+    assert "configMapGenerator" not in k
+    listed = [d for name in resources for d in load_docs(KUSTOMIZATION.parent / name)]
+    names = [object_key(d) for d in listed]
+    assert len(names) == len(set(names))
+    # Every ConfigMap a listed Job mounts is listed too.
+    configmaps = {n for kind, n in names if kind == "ConfigMap"}
+    for job in (d for d in listed if d["kind"] == "Job"):
+        for vol in job["spec"]["template"]["spec"]["volumes"]:
+            if "configMap" in vol:
+                assert vol["configMap"]["name"] in configmaps
+
+
+def test_kustomization_images_match_the_manifests():
+    """`kustomize edit set image catena-mito=...` rewrites images named catena-mito."""
+    (entry,) = kustomization()["images"]
+    for _, job in jobs():
+        for c in job["spec"]["template"]["spec"]["containers"]:
+            name, tag = c["image"].rsplit(":", 1)
+            assert name == entry["name"] and tag == entry["newTag"], c["image"]
+
+
+@pytest.mark.parametrize("path", K8S, ids=lambda p: p.name)
+def test_every_object_names_its_stage(path):
+    """`kubectl apply -l catena-mito/stage=STAGE` picks one stage out of the kustomization."""
+    stage = path.name.removesuffix("-job.yaml")
+    for doc in load_docs(path):
+        assert doc["metadata"]["labels"]["catena-mito/stage"] == stage, object_key(doc)
+    assert f"catena-mito/stage={stage}" in KUSTOMIZATION.read_text()
+
+
+def test_kustomize_build_sets_the_image(tmp_path):
+    """Build the kustomization as the docs say to use it, with an image of another
+    registry; needs `kubectl` (its built-in kustomize) or `kustomize`, else skipped: the
+    structural tests above still run."""
+    kubectl, kustomize_bin = shutil.which("kubectl"), shutil.which("kustomize")
+    if not (kubectl or kustomize_bin):
+        pytest.skip("neither kubectl nor kustomize is installed")
+    work = tmp_path / "k8s"
+    shutil.copytree(REPO / "k8s", work)
+    k = kustomization()
+    # What `kustomize edit set image catena-mito=registry.example.org/catena-mito:0.2.0` writes.
+    k["images"] = [{"name": "catena-mito", "newName": "registry.example.org/catena-mito",
+                    "newTag": "0.2.0"}]
+    (work / "kustomization.yaml").write_text(yaml.safe_dump(k))
+    cmd = [kubectl, "kustomize", str(work)] if kubectl else [kustomize_bin, "build", str(work)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    built = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert sorted(map(object_key, built)) == sorted(object_key(d) for _, d in all_docs())
+    for doc in (d for d in built if d["kind"] == "Job"):
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            assert c["image"] == "registry.example.org/catena-mito:0.2.0"
+    for stage in ("train", "predict", "label"):
+        picked = {object_key(d) for d in built if d["metadata"]["labels"]["catena-mito/stage"] == stage}
+        assert picked == {object_key(d) for d in load_docs(REPO / "k8s" / f"{stage}-job.yaml")}
 
 
 # --- job configs --------------------------------------------------------------------------
