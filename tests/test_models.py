@@ -202,7 +202,9 @@ def test_defaults_are_complete_and_plain():
     assert rs["io_kernel"] == (5, 5, 5) and rs["num_anisotropic_levels"] == 0
     mo = default_model_params("monai_unet")
     assert mo["channels"] == (28, 36, 48, 64, 80) and mo["strides"] == (2, 2, 2, 2)
-    assert mo["num_res_units"] == 2 and mo["norm"] == "batch" and mo["dropout"] == 0.1
+    # Catena's scripts: plain units (num_res_units=0), batch norm, dropout 0.1.
+    assert mo["num_res_units"] == 0 and mo["norm"] == "batch" and mo["dropout"] == 0.1
+    assert mo["norm_momentum"] == 0.1 and rs["norm_momentum"] == 0.1 and rs["variant"] == "fibsem"
     assert type(mo["act"]) is str  # not a MONAI enum: checkpoints load with weights_only
     # Resolved params rebuild the same architecture.
     for model_type in MODEL_TYPES:
@@ -272,4 +274,69 @@ def test_default_parameter_counts(capsys):
         counts[model_type] = (total, in_enc)
         with capsys.disabled():
             print(f"\n{model_type}: {total:,} parameters ({in_enc:,} in the encoder)")
-    assert counts["rs_unet"][0] > 10**6 and counts["monai_unet"][0] > 10**6
+    assert counts["rs_unet"][0] > 10**6
+    assert 600_000 < counts["monai_unet"][0] < 700_000  # Catena's 0.63 M (num_res_units=0)
+
+
+# --- Xie et al.'s anisotropic RS-UNet, batch-norm momentum, old checkpoints ---------------
+
+
+def test_rs_unet_xie_preset_follows_the_published_architecture():
+    params = resolve_model_params("rs_unet", {"variant": "xie"})
+    assert params["channels"] == (28, 36, 48, 64, 80) and params["norm_momentum"] == 0.01
+    assert params["io_kernel"] == (1, 5, 5)
+    assert downsampling_factor("rs_unet", {"variant": "xie"}) == (1, 16, 16)  # z never pooled
+    check_patch_size("rs_unet", {"variant": "xie"}, (18, 160, 160))  # Xie's 18-slice window
+    model = build_model("rs_unet", variant="xie", channels=(4, 6, 8))
+    # Every module, encoder and decoder: a (1, 3, 3) conv, then two (3, 3, 3) convs.
+    blocks = list(model.encoder.blocks) + list(model.decoder.blocks)
+    for block in blocks:
+        assert block.conv_in.kernel_size == (1, 3, 3)
+        assert block.conv1.kernel_size == block.conv2.kernel_size == (3, 3, 3)
+    assert [p.kernel_size for p in model.encoder.pools] == [(1, 2, 2), (1, 2, 2)]
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm3d)]
+    assert bns and all(m.momentum == 0.01 for m in bns)
+    # The embedding has no norm; the output embedding is followed by a 1x1x1 conv.
+    assert isinstance(model.encoder.input_conv.norm, nn.Identity)
+    assert model.decoder.output_conv.kernel_size == (1, 1, 1)
+    out = _forward(model, (18, 16, 16), batch=1)
+    assert out.shape == (1, 2, 18, 16, 16)
+    # z pooling in deeper levels is possible for less anisotropic data.
+    partly = resolve_model_params("rs_unet", {"variant": "xie", "channels": (4, 6, 8), "num_anisotropic_levels": 1})
+    assert downsampling_factor("rs_unet", partly) == (2, 4, 4)
+    with pytest.raises(ConfigError, match="variant"):
+        resolve_model_params("rs_unet", {"variant": "xei"})
+    with pytest.raises(ConfigError, match="isotropic=true contradicts variant 'xie'"):
+        resolve_model_params("rs_unet", {"variant": "xie", "isotropic": True})
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_norm_momentum_is_configurable(model_type):
+    model = build_model(model_type, **TINY[model_type], norm_momentum=0.02)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm3d)]
+    assert bns and all(m.momentum == 0.02 for m in bns)
+    with pytest.raises(ConfigError, match="norm_momentum"):
+        resolve_model_params(model_type, {**TINY[model_type], "norm_momentum": 0})
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_checkpoints_from_before_the_new_params_rebuild_and_predict_the_same(model_type):
+    """Stored params without ``variant``/``norm_momentum`` (older checkpoints) rebuild the
+    same network: same tensor names and shapes, bit-identical output with the same weights."""
+    from catena_mito.checkpoint import build_model_from_checkpoint, make_payload
+
+    torch.manual_seed(0)
+    extra = {"num_res_units": 2} if model_type == "monai_unet" else {}
+    model = build_model(model_type, **{**TINY[model_type], **extra})
+    payload = make_payload(model_type, {**TINY[model_type], **extra}, model)
+    old = dict(payload["model_params"])
+    old.pop("norm_momentum")
+    old.pop("variant", None)
+    payload["model_params"] = old
+    rebuilt = build_model_from_checkpoint(payload)
+    assert rebuilt.state_dict().keys() == model.state_dict().keys()
+    model.eval()
+    rebuilt.eval()
+    x = torch.randn(1, 1, 8, 12, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), rebuilt(x))

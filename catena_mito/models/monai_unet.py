@@ -2,10 +2,16 @@
 
 Tensors are ``(N, C, Z, Y, X)``; kernel sizes and strides are in voxels, (z, y, x) order
 when given per axis. Defaults follow the original Catena training scripts:
-``channels=(28, 36, 48, 64, 80)``, ``strides=(2, 2, 2, 2)``, ``num_res_units=2``,
-``norm="batch"``, ``dropout=0.1``, ``out_channels=2``; every other keyword of
-``UNet.__init__`` (except ``spatial_dims``, always 3) keeps MONAI's default and can be
-overridden through ``model_params``.
+``channels=(28, 36, 48, 64, 80)``, ``strides=(2, 2, 2, 2)``, ``num_res_units=0`` (Catena's
+scripts: plain conv-norm-activation units, 0.63 M parameters; ``num_res_units=2``, MONAI's
+residual units, has 1.32 M), ``norm="batch"``, ``dropout=0.1``, ``out_channels=2``; every
+other keyword of ``UNet.__init__`` (except ``spatial_dims``, always 3) keeps MONAI's
+default and can be overridden through ``model_params``. ``norm_momentum`` (not a MONAI
+keyword; default 0.1, PyTorch's) is the batch-norm momentum, passed as
+``norm=("batch", {"momentum": m})``; it changes training only, never a prediction.
+
+Checkpoints written before ``num_res_units`` defaulted to 0 store ``num_res_units=2``
+explicitly (checkpoints hold the complete hyper-parameters), so they rebuild unchanged.
 
 MONAI builds the network recursively as ``model.model``::
 
@@ -44,7 +50,7 @@ CATENA_DEFAULTS: dict[str, Any] = {
     "out_channels": 2,
     "channels": (28, 36, 48, 64, 80),
     "strides": (2, 2, 2, 2),
-    "num_res_units": 2,
+    "num_res_units": 0,
     "norm": "batch",
     "dropout": 0.1,
 }
@@ -61,6 +67,7 @@ def _monai_defaults() -> dict[str, Any]:
             continue
         defaults[name] = None if param.default is inspect.Parameter.empty else param.default
     defaults.update(CATENA_DEFAULTS)
+    defaults["norm_momentum"] = 0.1
     return defaults
 
 
@@ -95,6 +102,10 @@ def resolve_params(params: Mapping[str, Any]) -> dict[str, Any]:
         )
     p["strides"] = tuple(as_zyx("strides", s) if not isinstance(s, int) else as_int("strides", s, minimum=1) for s in strides)
     p["num_res_units"] = as_int("num_res_units", p["num_res_units"], minimum=0)
+    momentum = p["norm_momentum"]
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
+        raise ConfigError(f"model_params.norm_momentum must be a number in (0, 1], got {momentum!r}")
+    p["norm_momentum"] = float(momentum)
     return plain(p)
 
 
@@ -117,6 +128,12 @@ def build(params: Mapping[str, Any]) -> nn.Module:
     from monai.networks.nets import UNet
 
     resolved = resolve_params(params)
+    momentum = resolved.pop("norm_momentum")
+    norm = resolved["norm"]
+    if isinstance(norm, str) and norm.lower() == "batch":
+        resolved["norm"] = ("batch", {"momentum": momentum})
+    elif momentum != 0.1:
+        raise ConfigError(f"model_params.norm_momentum applies to norm 'batch' only, got norm {norm!r}")
     return UNet(spatial_dims=3, **resolved)
 
 
