@@ -35,14 +35,19 @@ RUN_OPTS=(--runtime runc --ulimit "nofile=$NOFILE:$NOFILE" --ulimit "nproc=$NPRO
 
 log() { printf '\n==> %s\n' "$*" >&2; }
 
+# runc too: podman on Debian defaults to it (and RUN_OPTS asks for it), but does not pull
+# it in, and without it every build step fails with 'default OCI runtime "runc" not found'.
+INSTALL_HINT="apt-get install -y podman buildah debootstrap runc"
 need() {
-    command -v "$1" >/dev/null 2>&1 || {
-        echo "build-local.sh: '$1' not found; install it with: apt-get install -y podman buildah debootstrap" >&2
+    # Debian puts runc and debootstrap in /usr/sbin, not on a normal user's PATH.
+    command -v "$1" >/dev/null 2>&1 || [[ -x "/usr/sbin/$1" || -x "/sbin/$1" ]] || {
+        echo "build-local.sh: '$1' not found; install it with: $INSTALL_HINT" >&2
         exit 1
     }
 }
 need podman
 need debootstrap
+need runc
 
 mirror_from_apt() {
     # deb822 sources (bookworm default) first, then the one-line format.
@@ -56,9 +61,16 @@ mirror_from_apt() {
     echo "${uri:-http://deb.debian.org/debian}"
 }
 
-# 1. Base image: a minimal Debian bookworm with python3, venv and pip. Skipped when the
-#    image already exists, because debootstrap is the slowest step and its result does not
-#    depend on this repository.
+# 1. Base image: a minimal Debian bookworm with python3, venv, pip and tini (the image's
+#    init; the Dockerfile installs it with apt only where the base lacks it, and this
+#    build has no network). Skipped when the image already exists, because debootstrap is
+#    the slowest step and its result does not depend on this repository.
+if podman image exists "$BASE_IMAGE" \
+    && ! podman run --rm --network=none "${RUN_OPTS[@]}" "$BASE_IMAGE" test -x /usr/bin/tini; then
+    echo "build-local.sh: $BASE_IMAGE has no /usr/bin/tini (made by an older version of" \
+        "this script); remove it (podman rmi -f $BASE_IMAGE) and run again" >&2
+    exit 1
+fi
 if ! podman image exists "$BASE_IMAGE"; then
     MIRROR=${DEBIAN_MIRROR:-$(mirror_from_apt)}
     log "debootstrap bookworm from $MIRROR"

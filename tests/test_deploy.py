@@ -713,7 +713,15 @@ def test_dockerfile_contract():
     for arg in ("PIP_FIND_LINKS", "PIP_NO_INDEX", "WHEELHOUSE"):
         assert re.search(rf"^ARG {arg}=", text, re.M), arg
     assert f"USER {UID}" in text
-    assert instructions[-2:] == ['ENTRYPOINT ["catena-mito"]', 'CMD ["--help"]']
+    # tini is PID 1: signals forwarded to catena-mito, zombies reaped; no -g (see below).
+    assert instructions[-2:] == ['ENTRYPOINT ["/usr/bin/tini", "--", "catena-mito"]', 'CMD ["--help"]']
+    # Installed as root, before USER, by apt only where the base lacks it (the offline
+    # build has no network), and checked to run.
+    tini_step = text.index("apt-get install -y --no-install-recommends tini")
+    assert tini_step < text.index("USER 10001")
+    assert "if ! [ -x /usr/bin/tini ]" in text and "/usr/bin/tini --version" in text
+    assert "rm -rf /var/lib/apt/lists/*" in text
+    assert re.search(r"^\s+TINI_SUBREAPER=1", text, re.M)
     # Dependencies are installed before the package source is copied (layer cache).
     assert text.index("COPY pyproject.toml") < text.index("COPY catena_mito")
     assert "--no-cache-dir" in text
@@ -753,8 +761,43 @@ def test_build_local_script():
         "podman build --network=none",
         "--runtime runc",
         "PIP_NO_INDEX=1",
+        "need runc",
+        # The offline base carries the image's init: the Dockerfile cannot apt-get it.
+        "python3-pip,ca-certificates,tini",
+        "test -x /usr/bin/tini",
     ):
         assert needle in text, needle
+    # Podman needs runc (RUN_OPTS asks for it; Debian's podman does not pull it in).
+    install = "apt-get install -y podman buildah debootstrap runc"
+    assert install in text
+    assert install in (REPO / "docs" / "deploy.md").read_text()
+
+
+def test_build_local_script_stops_when_runc_is_missing(tmp_path):
+    """A fresh Debian machine with podman and debootstrap but no runc: the script says what
+    to install before anything else runs (no podman call, no debootstrap)."""
+    log = tmp_path / "calls.log"
+    for tool in ("podman", "debootstrap"):
+        fake_bin(tmp_path, tool, f'echo "{tool} $*" >> {log}\nexit 0\n')
+    bin_dir = tmp_path / "bin"
+    # A PATH with the stand-ins and the basic tools only, none of which is runc.
+    for tool in ("bash", "dirname", "cat", "grep", "awk", "head", "date"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    if shutil.which("runc", path="/usr/sbin:/sbin") or Path("/usr/sbin/runc").exists():
+        pytest.skip("runc is installed in /usr/sbin here; the script would find it")
+    result = subprocess.run(
+        ["bash", str(REPO / "containers" / "build-local.sh"), "--skip-smoke"],
+        capture_output=True,
+        text=True,
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "'runc' not found" in result.stderr
+    assert "apt-get install -y podman buildah debootstrap runc" in result.stderr
+    assert not log.exists()
 
 
 # --- Apptainer ----------------------------------------------------------------------------
@@ -767,7 +810,8 @@ def test_apptainer_recipe_parses():
     recipe = SingularityParser(str(path)).recipe
     (stage,) = recipe.values()
     assert stage.fromHeader
-    assert stage.cmd.strip() == 'exec catena-mito "$@"'
+    runscript = [ln for ln in stage.cmd.strip().splitlines() if not ln.strip().startswith("#")]
+    assert [ln.strip() for ln in runscript] == ['exec catena-mito "$@"']
     assert stage.test, "%test is missing"
     assert any("org.opencontainers.image.title" in label for label in stage.labels)
     assert any(e.startswith("PATH=/opt/catena/bin") for e in stage.environ)
@@ -781,6 +825,10 @@ def test_apptainer_recipe_parses():
     help_section = text.split("%help", 1)[1].split("\n%", 1)[0]
     assert "apptainer run --nv catena.sif predict --config" in help_section
     assert "--bind" in help_section
+    assert "CATENA_NUM_SHARDS" in help_section and "SLURM_ARRAY_TASK_COUNT" not in help_section
+    # No tini in the runscript: Apptainer does its own init, and the recipe says so.
+    runscript_section = text.split("%runscript", 1)[1].split("\n%", 1)[0]
+    assert "tini" not in "".join(runscript) and "own init" in runscript_section
 
 
 # --- the label Jobs, run as Kubernetes runs them ------------------------------------------
