@@ -152,7 +152,7 @@ class Pod:
 
 
 def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    # The image's ENTRYPOINT is `catena-mito`.
+    # The image runs `catena-mito` (under tini, its ENTRYPOINT).
     return subprocess.Popen(
         [sys.executable, "-m", "catena_mito", *args],
         env=env,
