@@ -20,6 +20,22 @@ from catena_mito import __version__
 _DEBUG = False
 
 
+def _set_verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """``--quiet``/``--verbose``, accepted before or after the command name."""
+    if value:
+        level = logging.WARNING if param.name == "quiet" else logging.DEBUG
+        logging.getLogger().setLevel(level)
+        logging.getLogger("catena_mito").setLevel(level)
+    return value
+
+
+def _log_options(func: Callable) -> Callable:
+    func = click.option("--verbose", "-v", is_flag=True, expose_value=False, is_eager=True, callback=_set_verbosity,
+                        help="Debug logging.")(func)
+    return click.option("--quiet", "-q", is_flag=True, expose_value=False, is_eager=True, callback=_set_verbosity,
+                        help="Warnings and errors only (no progress lines).")(func)
+
+
 def _config_options(func: Callable) -> Callable:
     func = click.option(
         "--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -40,9 +56,20 @@ def _shard_options(func: Callable) -> Callable:
         "--shard-index", type=int, default=None,
         help="This process's shard (default: $JOB_COMPLETION_INDEX, else $SLURM_ARRAY_TASK_ID, else 0).",
     )(func)
+    func = click.option(
+        "--dry-run", is_flag=True,
+        help="Print the plan (blocks, shards, windows, memory, output size, what the output holds now); write nothing.",
+    )(func)
     return click.option(
         "--overwrite", is_flag=True,
-        help="Recompute blocks already marked done and replace an incompatible output.",
+        help="Recompute blocks already marked done; replace an output of another run (other model, settings, plan or input).",
+    )(func)
+
+
+def _allow_incomplete_option(func: Callable) -> Callable:
+    return click.option(
+        "--allow-incomplete", is_flag=True,
+        help="Read an input written by catena-mito even if it is incomplete or stale (logged as a warning).",
     )(func)
 
 
@@ -62,6 +89,7 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="catena-mito")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
+@_log_options
 def cli(debug: bool) -> None:
     """Mitochondria segmentation for 3D EM volumes (FIB-SEM first).
 
@@ -70,16 +98,14 @@ def cli(debug: bool) -> None:
     """
     global _DEBUG
     _DEBUG = debug
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if debug:
+        logging.getLogger().setLevel(logging.DEBUG)
     for noisy in ("botocore", "s3fs", "aiobotocore", "fsspec", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @cli.command()
+@_log_options
 @click.argument("out", metavar="OUT_URL")
 @click.option("--shape", nargs=3, type=int, default=(128, 128, 128), show_default=True, help="Volume shape Z Y X (voxels).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed: the same seed gives the same volume.")
@@ -94,6 +120,7 @@ def synth(out: str, shape: tuple[int, int, int], seed: int, resolution: tuple[fl
 
 
 @cli.command()
+@_log_options
 @_config_options
 def train(config_path: str, overrides: tuple[str, ...]) -> None:
     """Train a semantic mitochondria model (MONAI U-Net or RS-UNet).
@@ -107,20 +134,25 @@ def train(config_path: str, overrides: tuple[str, ...]) -> None:
 
 
 @cli.command()
+@_log_options
 @_config_options
 @_shard_options
-def predict(config_path: str, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None, overwrite: bool) -> None:
+def predict(config_path: str, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None, overwrite: bool, dry_run: bool) -> None:
     """Sliding-window inference, block by block, writing a probability volume."""
     from catena_mito.blockwise.sharding import resolve_shard
 
     config = _load("PredictConfig", config_path, overrides)
     index, count = resolve_shard(shard_index, num_shards)
+    from catena_mito.predict import format_plan
     from catena_mito.predict import predict as run
 
-    run(config, shard_index=index, num_shards=count, overwrite=overwrite)
+    summary = run(config, shard_index=index, num_shards=count, overwrite=overwrite, dry_run=dry_run)
+    if dry_run:
+        click.echo("\n".join(format_plan(p) for p in summary["outputs"]))
 
 
 @cli.command()
+@_log_options
 @_config_options
 @_shard_options
 @click.option(
@@ -131,18 +163,24 @@ def predict(config_path: str, overrides: tuple[str, ...], shard_index: int | Non
     "--wait-timeout", type=float, default=0.0, show_default=True, metavar="SECONDS",
     help="merge/relabel: wait up to this long for the previous phase to complete (for Jobs started together).",
 )
-def label(config_path: str, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None, overwrite: bool, phase: str, wait_timeout: float) -> None:
+@_allow_incomplete_option
+def label(config_path: str, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None, overwrite: bool, dry_run: bool, phase: str, wait_timeout: float, allow_incomplete: bool) -> None:
     """Threshold, connected components and small-instance removal, stitched into global ids."""
     from catena_mito.blockwise.sharding import resolve_shard
 
     config = _load("LabelConfig", config_path, overrides)
     index, count = resolve_shard(shard_index, num_shards)
+    from catena_mito.label import format_plan
     from catena_mito.label import label as run
 
-    run(config, phase=phase, shard_index=index, num_shards=count, overwrite=overwrite, wait_timeout=wait_timeout)
+    summary = run(config, phase=phase, shard_index=index, num_shards=count, overwrite=overwrite,
+                  wait_timeout=wait_timeout, allow_incomplete=allow_incomplete, dry_run=dry_run)
+    if dry_run:
+        click.echo(format_plan(summary.plan))
 
 
 @cli.command()
+@_log_options
 @click.option("--gt", "gt", required=True, metavar="URL", help="Ground truth: a dataset (uses volumes/labels/mito_ids) or an instance-id array.")
 @click.option("--prediction", metavar="ARRAY_URL", default=None, help="Probabilities (uint8 = value/255, or float); default: the dataset's volumes/predictions/mito.")
 @click.option("--instances", metavar="ARRAY_URL", default=None, help="Instance ids from label; default: the dataset's volumes/labels/mito_instances.")
@@ -150,7 +188,8 @@ def label(config_path: str, overrides: tuple[str, ...], shard_index: int | None,
 @click.option("--iou", "iou_thresholds", type=float, multiple=True, default=(0.5, 0.75), show_default=True, help="IoU thresholds for instance matching. Repeatable.")
 @click.option("--json", "json_url", metavar="OUT_URL", default=None, help="Also write the scores as JSON here (any fsspec URL).")
 @click.option("--block-shape", nargs=3, type=int, default=None, help="Block read at a time, Z Y X voxels (default ~128^3 in whole chunks).")
-def evaluate(gt: str, prediction: str | None, instances: str | None, threshold: float, iou_thresholds: tuple[float, ...], json_url: str | None, block_shape: tuple[int, int, int] | None) -> None:
+@_allow_incomplete_option
+def evaluate(gt: str, prediction: str | None, instances: str | None, threshold: float, iou_thresholds: tuple[float, ...], json_url: str | None, block_shape: tuple[int, int, int] | None, allow_incomplete: bool) -> None:
     """Score probabilities (Dice/IoU) and instances (precision, recall, F1, AP) against ground truth.
 
     Reads block by block, so volumes of any size fit. AP at IoU t is TP / (TP + FP + FN)
@@ -159,14 +198,31 @@ def evaluate(gt: str, prediction: str | None, instances: str | None, threshold: 
     from catena_mito.evaluate import evaluate as run
     from catena_mito.evaluate import format_report, write_report
 
-    report = run(gt, prediction, instances, threshold=threshold, iou_thresholds=iou_thresholds, block_shape=block_shape, progress=sys.stderr.isatty())
+    report = run(gt, prediction, instances, threshold=threshold, iou_thresholds=iou_thresholds, block_shape=block_shape, progress=sys.stderr.isatty(), allow_incomplete=allow_incomplete)
     click.echo(format_report(report))
     if json_url:
         write_report(report, json_url)
         click.echo(f"wrote {json_url}")
 
 
+@cli.command()
+@_log_options
+@click.argument("url", metavar="URL")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+def status(url: str, as_json: bool) -> None:
+    """Which run produced an output (or each output of a dataset), from which inputs and
+    settings; blocks done / total per phase, shards that still owe blocks, last block time."""
+    import json
+
+    from catena_mito.status import format_status
+    from catena_mito.status import status as run
+
+    entries = run(url)
+    click.echo(json.dumps(entries, indent=1) if as_json else format_status(entries))
+
+
 @cli.command("import")
+@_log_options
 @click.argument("source", metavar="SOURCE")
 @click.option("--to", "to", required=True, metavar="DATASET_URL", help="Zarr dataset (group) to write into; created if missing.")
 @click.option("--as", "as_", type=click.Choice(["raw", "mito_ids", "neuron_ids", "mito_instances"]), default="raw", show_default=True, help="What the volume is; sets its layout path (volumes/raw, volumes/labels/...).")
@@ -184,6 +240,7 @@ def import_cmd(source: str, to: str, as_: str, resolution: tuple[float, float, f
 
 
 @cli.command()
+@_log_options
 @click.argument("array", metavar="ARRAY_URL")
 @click.argument("out", metavar="OUT_TIFF_URL")
 @click.option("--max-gib", type=float, default=None, help="Refuse volumes above this size (default: a quarter of the free memory).")
@@ -196,6 +253,7 @@ def export(array: str, out: str, max_gib: float | None) -> None:
 
 
 @cli.command()
+@_log_options
 @click.argument("dataset", metavar="DATASET_URL", required=False)
 @click.option("--out", "out", required=True, metavar="URL_PREFIX", help="Prefix of the PNG names (a folder ending in / or any prefix; any fsspec URL).")
 @click.option("--z", "z", type=int, multiple=True, help="Slice index to draw (voxels). Repeatable; default: the middle slice.")
@@ -203,11 +261,12 @@ def export(array: str, out: str, max_gib: float | None) -> None:
 @click.option("--prediction", metavar="ARRAY_URL", default=None, help="Probabilities (default: the dataset's volumes/predictions/mito).")
 @click.option("--instances", metavar="ARRAY_URL", default=None, help="Instance ids (default: the dataset's volumes/labels/mito_instances).")
 @click.option("--no-ortho", is_flag=True, help="Skip the yz and xz planes through the centre.")
-def preview(dataset: str | None, out: str, z: tuple[int, ...], raw: str | None, prediction: str | None, instances: str | None, no_ortho: bool) -> None:
+@_allow_incomplete_option
+def preview(dataset: str | None, out: str, z: tuple[int, ...], raw: str | None, prediction: str | None, instances: str | None, no_ortho: bool, allow_incomplete: bool) -> None:
     """Write PNGs of raw, probabilities and outlined instances for z slices and the yz/xz centre planes."""
     from catena_mito.preview import preview as run
 
-    for url in run(dataset, out, raw=raw, prediction=prediction, instances=instances, z=z, orthogonal=not no_ortho):
+    for url in run(dataset, out, raw=raw, prediction=prediction, instances=instances, z=z, orthogonal=not no_ortho, allow_incomplete=allow_incomplete):
         click.echo(f"wrote {url}")
 
 
@@ -222,6 +281,7 @@ def _unraisable(unraisable: Any) -> None:
 
 
 @cli.command()
+@_log_options
 @click.option("--out", default="demo-out", show_default=True, metavar="URL", help="Where every output goes (any fsspec URL).")
 @click.option("--epochs", type=int, default=60, show_default=True, help="Training epochs (40 steps each; the rate drops tenfold after epoch 50).")
 @click.option("--model-type", type=click.Choice(["monai_unet", "rs_unet"]), default="monai_unet", show_default=True, help="Backbone (rs_unet is about 3x slower per step on a CPU).")
@@ -235,9 +295,13 @@ def demo(out: str, epochs: int, model_type: str, seed: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning library errors into one line and an exit code."""
-    from catena_mito.errors import CatenaError
+    from catena_mito.blockwise import signals
+    from catena_mito.errors import CatenaError, Stopped
 
     sys.unraisablehook = _unraisable
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    signals.install()
     try:
         cli.main(args=argv, prog_name="catena-mito", standalone_mode=False)
     except click.exceptions.Exit as e:
@@ -256,6 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("catena-mito: interrupted", err=True)
         sys.exit(130)
+    except Stopped as e:
+        click.echo(f"catena-mito: {e}", err=True)
+        sys.exit(Stopped.exit_code)
     except Exception as e:
         if _DEBUG:
             raise

@@ -35,3 +35,28 @@ class DataError(CatenaError):
 
 class CheckpointError(CatenaError):
     """A checkpoint is missing, unreadable, unsafe, or does not match the config."""
+
+
+class RunMismatchError(ConfigError):
+    """An output holds (or is being written by) another run: other settings, plan or inputs.
+
+    Refused before any work; ``--overwrite`` replaces the other run's output.
+    """
+
+
+class IncompleteInputError(DataError):
+    """An input written by catena-mito is incomplete, or its producing run changed since."""
+
+
+class PhaseError(CatenaError):
+    """A phase was started before the phase it needs had completed."""
+
+
+class Stopped(BaseException):
+    """The process was asked to stop (SIGTERM): raised between blocks, never inside one.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``) so that no ``except Exception``
+    turns it into another error on its way to the CLI, which exits with :attr:`exit_code`.
+    """
+
+    exit_code = 143  # 128 + SIGTERM, what schedulers expect of a terminated process

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from catena_mito import storage
-from catena_mito.errors import DataError, StorageError
 from catena_mito.blockwise.geometry import BlockGrid, as_coord
+from catena_mito.blockwise.runs import check_input
+from catena_mito.errors import DataError, StorageError
 from catena_mito.instance_metrics import Contingency, SemanticCounts, instance_scores
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ def evaluate(
     block_shape: Sequence[int] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     progress: bool = False,
+    allow_incomplete: bool = False,
 ) -> dict[str, Any]:
     """Score ``prediction`` and/or ``instances`` against ``gt``; returns a JSON-able report.
 
@@ -98,6 +100,8 @@ def evaluate(
     ``prediction``/``instances`` default to ``volumes/predictions/mito`` and
     ``volumes/labels/mito_instances`` when they exist) or an array URL. ``block_shape``
     is in voxels (z, y, x); default: about 128³ rounded up to whole ground-truth chunks.
+    A prediction or instance volume written by catena-mito that is incomplete or stale is
+    refused (:class:`~catena_mito.errors.IncompleteInputError`) unless ``allow_incomplete``.
     """
     if not 0.0 <= threshold <= 1.0:
         raise DataError(f"--threshold must be in [0, 1], got {threshold}")
@@ -124,6 +128,8 @@ def evaluate(
     pred_arr = inst_arr = None
     if prediction is not None:
         pred_arr = storage.open_volume(prediction, storage_options)
+        check_input(pred_arr, prediction, f"prediction {storage.redact_url(prediction)!r}", storage_options,
+                    allow_incomplete=allow_incomplete)
         _check_compatible("prediction", prediction, pred_arr, gt_url, gt_arr)
         if not (pred_arr.dtype == np.uint8 or np.issubdtype(pred_arr.dtype, np.floating)):
             raise DataError(
@@ -132,6 +138,8 @@ def evaluate(
             )
     if instances is not None:
         inst_arr = storage.open_volume(instances, storage_options)
+        check_input(inst_arr, instances, f"instances {storage.redact_url(instances)!r}", storage_options,
+                    allow_incomplete=allow_incomplete)
         _check_compatible("instances", instances, inst_arr, gt_url, gt_arr)
         if not np.issubdtype(inst_arr.dtype, np.integer):
             raise DataError(f"instances {storage.redact_url(instances)!r} have dtype {inst_arr.dtype}, expected integer ids")

@@ -36,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from catena_mito.errors import ConfigError, DataError
+from catena_mito.blockwise import signals
 from catena_mito.blockwise.geometry import Coord, Roi, as_coord
+from catena_mito.errors import ConfigError, DataError
 
 #: Gaussian sigma as a fraction of the patch size (MONAI's default).
 SIGMA_SCALE = 0.125
@@ -142,6 +143,17 @@ def resolve_device(device: str) -> str:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda', got {device!r}")
     return device
+
+
+def precision_name(device: str, amp: bool) -> str:
+    """The arithmetic a :class:`ModelRunner` with these settings uses: ``fp32`` or ``bf16``.
+
+    Part of a prediction's run identity: bf16 changes values beyond rounding, so shards
+    in other precisions never mix in one output. Across devices in the same precision
+    (CPU vs GPU, thread counts) results agree to float32 rounding, which can flip a
+    stored uint8 by 1 where ``p * 255`` sits at a rounding boundary.
+    """
+    return "bf16" if amp and resolve_device(device).startswith("cuda") else "fp32"
 
 
 class ModelRunner:
@@ -279,6 +291,7 @@ def predict_region(
     den = np.zeros(write_roi.shape, dtype=np.float32)
     step = batch_size or getattr(runner, "batch_size", 2)
     for group in _chunks(windows, step):
+        signals.raise_if_requested("in the middle of a block, which is abandoned")
         patches = np.stack([data[win.to_slices(read_roi)] for win in group])
         probs = runner(patches)
         for win, p in zip(group, probs):

@@ -7,33 +7,37 @@ binarised volume, with the same ids, for any block shape and any number of shard
 
     blocks   (sharded)  per block of ``chunk_size``: foreground = probability > threshold,
                         provisional connected components, their sizes, first voxels and
-                        the block's six boundary planes  →  .catena/.../blocks/data/<i>.npz
+                        the block's six boundary planes  →  W/runs/<id>/blocks/data/<i>.npz
     merge    (1 proc.)  union-find over the labels that touch across block faces, edges
                         and corners; global sizes; objects smaller than
                         ``thres_small_instances`` removed; final ids 1..K in order of each
-                        object's first voxel (C order)  →  .catena/.../merge/maps/<i>.npy
+                        object's first voxel (C order)  →  W/runs/<id>/merge/maps/<i>.npy
     relabel  (sharded)  per output block: recompute the block's provisional labels (the
                         same deterministic cc3d call, cheaper than storing and re-reading a
                         label volume) and map them to final ids  →  the output array
-    clean    (1 proc.)  after relabel: remove the intermediate files, keep a record
+    clean    (1 proc.)  after relabel: remove the intermediate files, keep the records
 
 ``--phase all`` runs the four in one process. The merge state is small files, never a
 volume: per block a few KB (label counts, first voxels, boundary planes) and a lookup table.
+Every phase runs through the one block runner (:mod:`catena_mito.blockwise.runner`).
 
-Where things go (``W = <output_instance_dir>/.catena/label/<output_filename>``)::
+Where things go (``W = <output_instance_dir>/.catena/label/<output_filename>``, the run
+records of :mod:`catena_mito.blockwise.runs`)::
 
     <output_instance_dir>/<output_filename>     the output (Zarr array), or
     <output_instance_dir>/<output_filename>.tif the output (TIFF, single-process gather)
+    W/run.json                                  the run that owns the output
     W/config.yaml                               the resolved config (secrets redacted)
-    W/plan.json                                 the settings the blocks were computed with
-    W/blocks/data/<i>.npz, W/blocks/done/<i>.json   per-block results and done markers
-    W/merge/maps/<i>.npy,  W/merge/done/0.json      per-block lookup tables, merge marker
-    W/relabel/done/<i>.json                     relabel markers (one per output block)
-    W/complete.json                             written by ``clean``: the run's summary
+    W/runs/<id>/{blocks,merge,relabel}/done/    done markers of each phase
+    W/runs/<id>/complete.json                   written when relabel is complete
 
-Every phase is resumable: a block is marked done only after its data is written, a rerun
-skips done blocks, and ``--overwrite`` recomputes. A phase refuses to continue from one
-computed with different settings (naming the field) unless ``--overwrite``.
+The run id covers the settings, the block plan and the input's identity (for a
+prediction written by ``predict``: its run id and completeness). A phase of another run
+is refused with the setting that changed (``--overwrite`` in the first phase replaces
+it); an incomplete or stale input is refused unless ``--allow-incomplete``. A completed
+run whose output was deleted is recomputed. Two processes running ``merge``, ``clean``
+or ``--phase all`` on one output at once: the second is refused (a lease with a
+heartbeat, see :class:`catena_mito.blockwise.runs.Lease`).
 
 ``overlap`` is accepted for compatibility with Catena and has no effect: the stitching is
 exact without any overlap between blocks. ``scale_factors`` resample the final labels by
@@ -50,22 +54,39 @@ import io
 import logging
 import math
 import os
-import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
 from catena_mito import storage
+from catena_mito.blockwise.geometry import Block, BlockGrid, Roi, check_shard
+from catena_mito.blockwise.identity import RUN_ATTR, foreign_identity
+from catena_mito.blockwise.runner import BlockSteps, run_phase
+from catena_mito.blockwise.runs import (
+    Lease,
+    RunSpec,
+    RunStore,
+    check_input,
+    describe_inputs,
+    relative_url,
+)
 from catena_mito.config import LabelConfig, save_resolved_config
-from catena_mito.errors import CatenaError, ConfigError, DataError, ShardError, StorageError
-from catena_mito.blockwise.geometry import Block, BlockGrid, Roi, check_shard, select_shard
-from catena_mito.blockwise.markers import DoneMarkers
+from catena_mito.errors import (
+    CatenaError,
+    ConfigError,
+    DataError,
+    PhaseError,
+    RunMismatchError,
+    ShardError,
+    StorageError,
+)
 from catena_mito.stitch import BlockResult, boundary_pairs, forward_offsets, global_table
 
 log = logging.getLogger(__name__)
@@ -76,14 +97,18 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 TIFF_LIMIT_ENV = "CATENA_TIFF_MAX_BYTES"
 #: Without that variable, a TIFF output may use this fraction of the available memory.
 TIFF_MEMORY_FRACTION = 0.5
+#: Bumped whenever a change here or in :mod:`catena_mito.stitch` changes the output.
+ALGORITHM_VERSION = 1
 
-
-class PhaseError(CatenaError):
-    """A phase was started before the phase it needs had completed."""
+__all__ = ["PhaseError", "OutputTooLargeError", "label", "LabelSummary"]
 
 
 class OutputTooLargeError(ConfigError):
     """``output_format: tiff`` was asked for a volume that does not fit in memory."""
+
+
+
+# --- the foreground -------------------------------------------------------------------------
 
 
 # --- the foreground -------------------------------------------------------------------------
@@ -147,7 +172,7 @@ def connected_components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarra
 class _Input:
     """The probability volume, a Zarr array (read block-wise) or a TIFF (read whole)."""
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any]):
+    def __init__(self, url: str, storage_options: Mapping[str, Any], allow_incomplete: bool = False):
         self.url = url
         self.shown = storage.redact_url(url)
         if url.lower().rstrip("/").endswith(TIFF_SUFFIXES):
@@ -155,9 +180,14 @@ class _Input:
             self._data: Any = data
             self.resolution = tuple(float(r) for r in meta["resolution"]) if "resolution" in meta else None
             self.offset = tuple(float(o) for o in meta.get("offset", (0.0, 0.0, 0.0)))
+            # a TIFF is read whole anyway: its identity can be its content
+            self.identity = {**foreign_identity(data.shape, data.dtype, None, meta),
+                             "content": _digest(np.ascontiguousarray(data))}
         else:
             self._data = storage.open_volume(url, storage_options)
             self.resolution, self.offset = storage.read_spatial(self._data)
+            self.identity = check_input(self._data, url, f"input_prediction_path {self.shown!r}",
+                                        storage_options, allow_incomplete=allow_incomplete)
         shape = tuple(int(s) for s in self._data.shape)
         if len(shape) != 3:
             raise DataError(
@@ -184,81 +214,11 @@ def _roi_text(roi: Roi) -> str:
     return "[" + ", ".join(f"{b}:{e}" for b, e in zip(roi.begin, roi.end)) + "]"
 
 
-# --- where things go --------------------------------------------------------------------------
 
-
-@dataclass
-class _Layout:
-    """The URLs of one label task (see the module docstring)."""
-
-    config: LabelConfig
-    options: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        c = self.config
-        self.tiff = c.output_format == "tiff"
-        name = c.output_filename
-        if self.tiff and not name.lower().endswith(TIFF_SUFFIXES):
-            self.output_url = storage.join_url(c.output_instance_dir, name + ".tif")
-        else:
-            self.output_url = storage.join_url(c.output_instance_dir, name)
-        self.task = f"label/{name.strip('/')}"
-        self.work_url = storage.join_url(c.output_instance_dir, ".catena", self.task)
-        self.blocks_key = ""
-        self.blocks_done = DoneMarkers(c.output_instance_dir, f"{self.task}/blocks", self.options)
-        task = self.task
-        self.merge_done = DoneMarkers(c.output_instance_dir, f"{task}/merge", self.options)
-        self.relabel_done = DoneMarkers(c.output_instance_dir, f"{task}/relabel", self.options)
-
-    def set_blocks_key(self, key: str) -> None:
-        """Block results live under a key of their settings, so changed settings (a new
-        threshold, say) never meet stale results, even from shards run at other times."""
-        self.blocks_key = key
-        self.blocks_done = DoneMarkers(
-            self.config.output_instance_dir, f"{self.task}/blocks/{key}", self.options
-        )
-
-    def url(self, *parts: str) -> str:
-        return storage.join_url(self.work_url, *parts)
-
-    def block_data(self, i: int) -> str:
-        return self.url("blocks", self.blocks_key, "data", f"{i}.npz")
-
-    def block_map(self, i: int) -> str:
-        return self.url("merge", "maps", f"{i}.npy")
-
-
-def _params(config: LabelConfig, inp: _Input, phase: str) -> dict[str, Any]:
-    """The settings a phase's results depend on (a later phase checks they still hold)."""
-    p: dict[str, Any] = {
-        "input_prediction_path": storage.redact_url(config.input_prediction_path),
-        "input_shape": list(inp.shape),
-        "input_dtype": str(inp.dtype),
-        "chunk_size": list(config.chunk_size),
-        "thres_foreground": float(config.thres_foreground),
-        "connectivity": int(config.connectivity),
-    }
-    if phase != "blocks":
-        p.update({
-            "thres_small_instances": int(config.thres_small_instances),
-            "remove_small_mode": config.remove_small_mode,
-            "scale_factors": [float(f) for f in config.scale_factors],
-            "output_format": config.output_format,
-        })
-    return p
-
-
-def _key(params: Mapping[str, Any]) -> str:
+def _digest(data: np.ndarray) -> str:
     import hashlib
-    import json
 
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _check_params(recorded: Mapping[str, Any], current: Mapping[str, Any], what: str, fix: str) -> None:
-    diffs = [f"{k}={recorded.get(k)!r} (now {v!r})" for k, v in current.items() if recorded.get(k) != v]
-    if diffs:
-        raise ConfigError(f"{what} was computed with different settings: {'; '.join(diffs)}; {fix}")
+    return "sha256:" + hashlib.sha256(memoryview(data).cast("B")).hexdigest()
 
 
 # --- geometry of the output -------------------------------------------------------------------
@@ -312,7 +272,7 @@ def _final_dtype(num_objects: int) -> np.dtype:
     return np.dtype(np.uint32) if num_objects <= np.iinfo(np.uint32).max else np.dtype(np.uint64)
 
 
-# --- running blocks -------------------------------------------------------------------------
+# --- helpers ----------------------------------------------------------------------------------
 
 
 #: Threads for small-file reads and writes in the merge (latency-bound on object stores).
@@ -320,48 +280,11 @@ SMALL_FILE_THREADS = 16
 
 
 def default_threads() -> int:
-    """Threads per process: block I/O and decompression overlap with compute."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Threads per process: block I/O and decompression overlap with compute; sized from
+    the CPUs this process may use (affinity, cgroup quota), at most 8."""
+    from catena_mito.blockwise.cpus import available_cpus
 
-
-def _run_parallel(
-    fn: Callable[[Any], Any], items: Sequence[Any], threads: int, desc: str, unit: str = "block"
-) -> list[Any]:
-    """``[fn(item) ...]`` on a thread pool with at most ``threads`` items in flight
-    (memory stays bounded by a few blocks), with a progress bar; the first error is raised
-    once the running items finish, and no further items start."""
-    from tqdm import tqdm
-
-    results: list[Any] = [None] * len(items)
-    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not items,
-               mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
-    try:
-        if threads <= 1:
-            for k, item in enumerate(items):
-                results[k] = fn(item)
-                bar.update()
-            return results
-        with ThreadPoolExecutor(threads) as pool:
-            pending: dict[Future, int] = {}
-            nxt = 0
-            error: BaseException | None = None
-            while pending or (nxt < len(items) and error is None):
-                while error is None and nxt < len(items) and len(pending) < threads:
-                    pending[pool.submit(fn, items[nxt])] = nxt
-                    nxt += 1
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    k = pending.pop(f)
-                    try:
-                        results[k] = f.result()
-                    except BaseException as e:  # re-raised after the others finish
-                        error = error or e
-                    bar.update()
-            if error is not None:
-                raise error
-        return results
-    finally:
-        bar.close()
+    return max(1, min(8, available_cpus()))
 
 
 def _ordered_prefetch(fn: Callable[[Any], Any], items: Sequence[Any], threads: int, window: int = 32) -> Iterable[Any]:
@@ -378,6 +301,8 @@ def _ordered_prefetch(fn: Callable[[Any], Any], items: Sequence[Any], threads: i
 
 def _wait_for(missing: Callable[[], list[str]], timeout: float, what: str, fix: str) -> None:
     """Poll ``missing()`` until it is empty, for up to ``timeout`` seconds."""
+    from catena_mito.blockwise import signals
+
     deadline = time.monotonic() + max(0.0, timeout)
     logged = False
     while True:
@@ -392,7 +317,21 @@ def _wait_for(missing: Callable[[], list[str]], timeout: float, what: str, fix: 
         if not logged:
             log.info("waiting up to %g s for %s (%d missing)", timeout, what, len(gone))
             logged = True
+        signals.raise_if_requested("while waiting")
         time.sleep(min(left, 1.0))  # one listing a second is cheap, even on S3
+
+
+#: numpy parses .npy headers with ast.literal_eval, which CPython 3.11 (before 3.11.8,
+#: gh-106905) can break with "SystemError: AST constructor recursion depth mismatch" when
+#: threads call it at once; the reads stay parallel, only the parsing is serialised.
+_NPY_HEADER_LOCK = threading.Lock()
+
+_LATER_PHASE_FIX = "run --phase blocks with this config first (with --overwrite to replace the other run)"
+
+
+def _single_block() -> Block:
+    """The one "block" of a single-process phase (the merge, a TIFF gather)."""
+    return BlockGrid((1, 1, 1), (1, 1, 1)).block(0)
 
 
 # --- the task -------------------------------------------------------------------------------
@@ -404,92 +343,174 @@ class LabelSummary:
 
     phase: str
     output_url: str
+    run_id: str = ""
     blocks_computed: int = 0
     blocks_skipped: int = 0
     num_objects: int | None = None
     num_removed: int | None = None
     dtype: str | None = None
     shape: tuple[int, int, int] | None = None
+    plan: dict | None = None
 
 
 class _LabelTask:
-    def __init__(self, config: LabelConfig, threads: int):
+    def __init__(self, config: LabelConfig, threads: int, allow_incomplete: bool = False):
         self.config = config
         self.options = dict(config.storage_options)
-        self.layout = _Layout(config, self.options)
         self.threads = threads
-        self.input = _Input(config.input_prediction_path, self.options)
-        self.layout.set_blocks_key(_key(_params(config, self.input, "blocks")))
+        c = config
+        self.tiff = c.output_format == "tiff"
+        name = c.output_filename
+        if self.tiff and not name.lower().endswith(TIFF_SUFFIXES):
+            self.output_url = storage.join_url(c.output_instance_dir, name + ".tif")
+        else:
+            self.output_url = storage.join_url(c.output_instance_dir, name)
+        self.work_url = storage.join_url(c.output_instance_dir, ".catena", "label", name.strip("/"))
+        self.input = _Input(config.input_prediction_path, self.options, allow_incomplete)
         self.grid = BlockGrid(self.input.shape, config.chunk_size)
         self.out_shape = output_shape(self.input.shape, config.scale_factors)
         self.scaled = tuple(self.out_shape) != tuple(self.input.shape)
         self.out_grid = BlockGrid(self.out_shape, config.chunk_size)
-        self.summary = LabelSummary("", storage.redact_url(self.layout.output_url))
-        if self.layout.tiff:  # refuse before any work (the final dtype is at least uint32)
-            _check_tiff_fits(self.out_shape, np.uint32, self.layout.output_url)
+        self.spec = self._spec()
+        self.store = RunStore(self.work_url, self.options, shown=f"output {storage.redact_url(self.output_url)!r}")
+        self.summary = LabelSummary("", storage.redact_url(self.output_url), run_id=self.spec.run_id)
+        if self.tiff:  # refuse before any work (the final dtype is at least uint32)
+            _check_tiff_fits(self.out_shape, np.uint32, self.output_url)
+
+    def _spec(self) -> RunSpec:
+        c = self.config
+        description = {
+            "algorithm": ALGORITHM_VERSION,
+            "inputs": describe_inputs({"prediction": (c.input_prediction_path, self.input.identity)}),
+            "settings": {
+                "thres_foreground": float(c.thres_foreground), "connectivity": int(c.connectivity),
+                "thres_small_instances": int(c.thres_small_instances), "remove_small_mode": c.remove_small_mode,
+                "scale_factors": [float(f) for f in c.scale_factors],
+            },
+            "plan": {"shape": list(self.input.shape), "chunk_size": list(c.chunk_size),
+                     "output_shape": list(self.out_shape), "output_format": c.output_format},
+        }
+        relabel_blocks = 1 if self.tiff else self.out_grid.num_blocks
+        return RunSpec("label", description,
+                       (("blocks", self.grid.num_blocks), ("merge", 1), ("relabel", relabel_blocks)))
 
     # -- bookkeeping --------------------------------------------------------------------
 
-    def save_config(self) -> None:
-        save_resolved_config(self.config, self.layout.url("config.yaml"), self.options)
+    def url(self, *parts: str) -> str:
+        return self.store.run_url(self.spec.run_id, *parts)
 
-    def complete_record(self) -> dict | None:
-        url = self.layout.url("complete.json")
-        return storage.read_json(url, self.options) if storage.exists(url, self.options) else None
+    def block_data(self, i: int) -> str:
+        return self.url("blocks", "data", f"{i}.npz")
+
+    def block_map(self, i: int) -> str:
+        return self.url("merge", "maps", f"{i}.npy")
+
+    def save_config(self) -> None:
+        save_resolved_config(self.config, self.store.url("config.yaml"), self.options)
+
+    def claim(self, overwrite: bool) -> None:
+        """The first phase (blocks, or all) claims the output for this run."""
+        self.store.claim(self.spec, overwrite=overwrite, fix="rerun with --overwrite to recompute it")
+
+    def check_owner(self) -> None:
+        """A later phase runs only for the run that owns the output."""
+        self.store.claim(self.spec, overwrite=False, may_claim=False, fix=_LATER_PHASE_FIX)
+
+    def wait_for(self, missing: Callable[[], list[str]], timeout: float, what: str, fix: str) -> None:
+        """Wait for a previous phase of this run, then check this run owns the output.
+
+        Phases of one run may start together (Kubernetes Jobs): a later phase waits for
+        its own run's markers, whoever owns the output meanwhile; if they never come and
+        another run owns the output, that is the error to report.
+        """
+        try:
+            _wait_for(missing, timeout, what, fix)
+        except PhaseError:
+            claim = self.store.read_claim()
+            if claim is not None and claim.get("run_id") != self.spec.run_id:
+                raise RunMismatchError(self.store.mismatch_message(claim, self.spec, _LATER_PHASE_FIX)) from None
+            raise
+        self.check_owner()
+
+    def _output_current(self) -> bool:
+        if self.tiff:
+            return storage.exists(self.output_url, self.options)
+        if not storage.array_exists(self.output_url, self.options):
+            return False
+        run = dict(storage.open_array(self.output_url, self.options).attrs).get(RUN_ATTR) or {}
+        return run.get("run_id") == self.spec.run_id
 
     def already_complete(self, overwrite: bool) -> bool:
-        """True when a cleaned, completed run with these settings exists (nothing to do)."""
-        record = self.complete_record()
+        """True when this run is complete and its output is there (nothing to do)."""
+        claim = self.store.read_claim()
+        if claim is None or claim.get("run_id") != self.spec.run_id:
+            return False
+        record = self.store.read_complete(self.spec.run_id)
         if record is None:
             return False
-        if overwrite:
-            storage.remove(self.layout.url("complete.json"), self.options)
+        if overwrite or not self._output_current():
+            if not overwrite:
+                log.warning("%s: run %s was complete but its output is missing or was replaced; "
+                            "recomputing from the start", self.summary.output_url, self.spec.run_id)
+            storage.remove(self.store.run_url(self.spec.run_id), self.options)
             return False
-        _check_params(record.get("params", {}), _params(self.config, self.input, "merge"),
-                      f"the output {self.summary.output_url!r}", "rerun with --overwrite to recompute it")
-        log.info("%s is complete (%s objects); nothing to do (--overwrite recomputes)",
-                 self.summary.output_url, record.get("num_objects"))
-        self.summary.num_objects = record.get("num_objects")
-        self.summary.dtype = record.get("dtype")
+        log.info("%s is complete (run %s, %s objects); nothing to do (--overwrite recomputes)",
+                 self.summary.output_url, self.spec.run_id, record.get("num_objects"))
+        self._set_merge_summary(record)
         return True
+
+    def check_existing_output(self) -> None:
+        """Refuse an existing, incompatible output before any work (merge would, later)."""
+        if self.tiff or not storage.array_exists(self.output_url, self.options):
+            return
+        out = storage.open_array(self.output_url, self.options)
+        problems = []
+        if tuple(out.shape) != tuple(self.out_shape):
+            problems.append(f"shape {list(out.shape)} != {list(self.out_shape)}")
+        if tuple(out.chunks) != tuple(self.config.chunk_size):
+            problems.append(f"chunks {list(out.chunks)} != {list(self.config.chunk_size)}")
+        if out.dtype not in (np.dtype(np.uint32), np.dtype(np.uint64)):
+            problems.append(f"dtype {out.dtype} is not uint32/uint64")
+        if problems:
+            raise StorageError(
+                f"output {self.summary.output_url!r} exists and is incompatible ({'; '.join(problems)}); "
+                "remove it or rerun with --overwrite"
+            )
+
+    def _run(self, phase: str, blocks: Sequence[Block], steps: BlockSteps, shard_index: int, num_shards: int,
+             overwrite: bool, desc: str, merge_info: Mapping[str, Any] | None = None) -> None:
+        result = run_phase(self.store, self.spec, phase, blocks, steps, shard_index=shard_index,
+                           num_shards=num_shards, overwrite=overwrite, threads=self.threads, desc=desc,
+                           complete_info=self._complete_info(merge_info) if merge_info else None)
+        self.summary.blocks_computed += result.blocks_computed
+        self.summary.blocks_skipped += result.blocks_skipped
 
     # -- blocks ---------------------------------------------------------------------------
 
     def run_blocks(self, shard_index: int, num_shards: int, overwrite: bool) -> None:
-        lay, opts = self.layout, self.options
-        # plan.json: the settings of the latest blocks run, for clearer errors in merge
-        storage.write_json(lay.url("plan.json"), _params(self.config, self.input, "blocks"), opts)
-        mine = select_shard(self.grid.blocks(), shard_index, num_shards)
-        done = set() if overwrite else lay.blocks_done.done_indices()
-        todo = [b for b in mine if b.index not in done]
-        self.summary.blocks_skipped += len(mine) - len(todo)
-        if todo:
-            # a recomputed block makes any earlier merge stale
-            lay.merge_done.clear()
-            if overwrite:
-                lay.blocks_done.clear([b.index for b in todo])
-        log.info("label blocks: shard %d/%d, %d blocks (%d already done)",
-                 shard_index, num_shards, len(mine), len(mine) - len(todo))
-        _run_parallel(self._one_block, todo, self.threads, f"label blocks {shard_index}/{num_shards}")
-        self.summary.blocks_computed += len(todo)
+        def compute(block: Block, _: Any) -> tuple[bytes, int]:
+            mask = self.input.foreground(block.write_roi, self.config.thres_foreground)
+            labels, n = connected_components(mask, self.config.connectivity)
+            result = BlockResult.from_labels(labels, n, block.write_roi.offset, self.input.shape)
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, **result.to_npz_dict())
+            return buffer.getvalue(), n
 
-    def _one_block(self, block: Block) -> None:
-        mask = self.input.foreground(block.write_roi, self.config.thres_foreground)
-        labels, n = connected_components(mask, self.config.connectivity)
-        result = BlockResult.from_labels(labels, n, block.write_roi.offset, self.input.shape)
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **result.to_npz_dict())
-        storage.write_bytes(self.layout.block_data(block.index), buffer.getvalue(), self.options)
-        self.layout.blocks_done.mark_done(block.index, {"labels": n})  # only after the data
+        def write(block: Block, out: tuple[bytes, int]) -> dict:
+            storage.write_bytes(self.block_data(block.index), out[0], self.options)
+            return {"labels": out[1]}
+
+        self._run("blocks", self.grid.blocks(), BlockSteps(compute=compute, write=write, parallel=True),
+                  shard_index, num_shards, overwrite, f"label blocks {shard_index}/{num_shards}")
 
     def _load_block(self, index: int) -> BlockResult:
-        data = storage.read_bytes(self.layout.block_data(index), self.options)
-        with np.load(io.BytesIO(data)) as npz:
+        data = storage.read_bytes(self.block_data(index), self.options)
+        with _NPY_HEADER_LOCK, np.load(io.BytesIO(data)) as npz:
             result = BlockResult.from_npz_dict(npz)
         expected = self.grid.block(index).write_roi
         if result.offset != expected.offset or result.shape != expected.shape:
             raise DataError(
-                f"{storage.redact_url(self.layout.block_data(index))!r} describes block "
+                f"{storage.redact_url(self.block_data(index))!r} describes block "
                 f"{result.offset}+{result.shape}, expected {expected.offset}+{expected.shape}; "
                 "rerun --phase blocks with --overwrite"
             )
@@ -498,36 +519,25 @@ class _LabelTask:
     # -- merge ----------------------------------------------------------------------------
 
     def run_merge(self, overwrite: bool, wait_timeout: float) -> None:
-        lay, opts = self.layout, self.options
-        current = _params(self.config, self.input, "merge")
-        if not overwrite and lay.merge_done.is_done(0):
-            info = lay.merge_done.read(0)
-            _check_params(info.get("params", {}), current, "the label merge",
-                          "rerun --phase merge with --overwrite")
-            log.info("label merge: already done (%d objects)", info["num_objects"])
-            self._set_merge_summary(info)
-            return
+        markers = self.store.markers(self.spec.run_id, "blocks")
         indices = range(self.grid.num_blocks)
+        self.wait_for(lambda: [f"block {i}" for i in markers.missing(indices)], wait_timeout,
+                  f"the label blocks phase of run {self.spec.run_id} at {self.store.shown}",
+                  "run `catena-mito label --phase blocks` for every shard first")
+        with Lease(self.store, self.spec.run_id, "merge", f"the label merge of {self.store.shown}"):
+            steps = BlockSteps(compute=lambda _b, _d: self._merge_tables(), write=self._write_merge)
+            self._run("merge", [_single_block()], steps, 0, 1, overwrite, "label merge")
+        self._set_merge_summary(self.store.markers(self.spec.run_id, "merge").read(0))
 
-        try:
-            _wait_for(lambda: [f"block {i}" for i in lay.blocks_done.missing(indices)], wait_timeout,
-                      f"the label blocks phase at {storage.redact_url(lay.work_url)!r}",
-                      "run `catena-mito label --phase blocks` for every shard first")
-        except PhaseError:
-            if storage.exists(lay.url("plan.json"), opts):  # say which setting differs, if one does
-                _check_params(storage.read_json(lay.url("plan.json"), opts),
-                              _params(self.config, self.input, "blocks"), "the latest label blocks phase",
-                              "run --phase blocks with this config first")
-            raise
-
-        lay.merge_done.clear()
+    def _merge_tables(self) -> Any:
         sizes, firsts, pairs = [], [], []
         offsets = [0]
         upper_cache: OrderedDict[int, BlockResult] = OrderedDict()
         _, gy, gx = self.grid.grid_shape
         reach = gy * gx + gx + 1  # the earliest block a forward neighbour can be behind
         offsets_d = forward_offsets(self.config.connectivity)
-        for result in _ordered_prefetch(self._load_block, list(indices), SMALL_FILE_THREADS):
+        indices = list(range(self.grid.num_blocks))
+        for result in _ordered_prefetch(self._load_block, indices, SMALL_FILE_THREADS):
             i = len(sizes)
             block = self.grid.block(i)
             sizes.append(result.sizes)
@@ -553,28 +563,29 @@ class _LabelTask:
             while upper_cache and next(iter(upper_cache)) < i - reach:
                 upper_cache.popitem(last=False)
         table = global_table(sizes, firsts, pairs, self.config.thres_small_instances)
-        dtype = _final_dtype(table.num_objects)
         log.info("label merge: %d provisional labels, %d equivalences, %d objects kept, %d removed "
                  "(< %d voxels)", int(table.offsets[-1]), sum(len(p) for p in pairs),
                  table.num_objects, table.num_removed, self.config.thres_small_instances)
+        return table
+
+    def _write_merge(self, _block: Block, table: Any) -> dict:
+        dtype = _final_dtype(table.num_objects)
 
         def write_map(i: int) -> None:
             buffer = io.BytesIO()
             np.save(buffer, table.block_mapping(i, dtype))
-            storage.write_bytes(lay.block_map(i), buffer.getvalue(), opts)
+            storage.write_bytes(self.block_map(i), buffer.getvalue(), self.options)
 
-        _run_parallel(write_map, list(indices), SMALL_FILE_THREADS, "label merge: writing maps")
-        if not lay.tiff:
-            self._create_output(dtype, overwrite)
-        lay.relabel_done.clear()  # earlier relabel results used other tables
-        info = {"params": current, "num_objects": table.num_objects, "num_removed": table.num_removed,
+        with ThreadPoolExecutor(SMALL_FILE_THREADS) as pool:
+            list(pool.map(write_map, range(self.grid.num_blocks)))
+        if not self.tiff:
+            self._create_output(dtype)
+        return {"num_objects": table.num_objects, "num_removed": table.num_removed,
                 "dtype": str(dtype), "output_shape": list(self.out_shape)}
-        lay.merge_done.mark_done(0, info)
-        self._set_merge_summary(info)
 
     def _set_merge_summary(self, info: Mapping[str, Any]) -> None:
         self.summary.num_objects = int(info["num_objects"])
-        self.summary.num_removed = int(info.get("num_removed", 0))
+        self.summary.num_removed = int(info.get("num_removed") or 0)
         self.summary.dtype = str(info["dtype"])
         self.summary.shape = tuple(self.out_shape)  # type: ignore[assignment]
 
@@ -582,102 +593,89 @@ class _LabelTask:
         res = self.input.resolution or (1.0, 1.0, 1.0)
         # an output voxel spans 1/factor input voxels; the corner (offset) stays put
         scaled = [r / f for r, f in zip(res, self.config.scale_factors)]
-        return {**storage.spatial_attrs(scaled, self.input.offset), "catena_label": {
+        attrs = {**storage.spatial_attrs(scaled, self.input.offset), "catena_label": {
             "source": storage.redact_url(self.config.input_prediction_path),
             "thres_foreground": self.config.thres_foreground,
             "thres_small_instances": self.config.thres_small_instances,
             "connectivity": self.config.connectivity,
             "scale_factors": list(self.config.scale_factors),
         }}
+        if not self.tiff:
+            attrs[RUN_ATTR] = {"task": "label", "run_id": self.spec.run_id,
+                               "record": relative_url(self.output_url, self.work_url)}
+        return attrs
 
-    def check_existing_output(self) -> None:
-        """Refuse an existing, incompatible output before any work (merge would, later)."""
-        lay = self.layout
-        if lay.tiff or not storage.array_exists(lay.output_url, self.options):
-            return
-        out = storage.open_array(lay.output_url, self.options)
-        problems = []
-        if tuple(out.shape) != tuple(self.out_shape):
-            problems.append(f"shape {list(out.shape)} != {list(self.out_shape)}")
-        if tuple(out.chunks) != tuple(self.config.chunk_size):
-            problems.append(f"chunks {list(out.chunks)} != {list(self.config.chunk_size)}")
-        if out.dtype not in (np.dtype(np.uint32), np.dtype(np.uint64)):
-            problems.append(f"dtype {out.dtype} is not uint32/uint64")
-        if problems:
-            raise StorageError(
-                f"output {self.summary.output_url!r} exists and is incompatible ({'; '.join(problems)}); "
-                "remove it or rerun with --overwrite"
-            )
-
-    def _create_output(self, dtype: np.dtype, overwrite: bool) -> None:
-        # created here, by the one merge process, so relabel shards only ever open it
-        storage.create_array(self.layout.output_url, self.out_shape, dtype, self.config.chunk_size,
-                             overwrite=overwrite, attrs=self._output_attrs(), storage_options=self.options)
+    def _create_output(self, dtype: np.dtype) -> None:
+        # Created by the one merge process, so relabel shards only ever open it. An array
+        # of another run (or dtype) is replaced: claiming the run was the --overwrite.
+        storage.create_array(self.output_url, self.out_shape, dtype, self.config.chunk_size,
+                             overwrite=True, attrs=self._output_attrs(), storage_options=self.options)
 
     # -- relabel --------------------------------------------------------------------------
 
     def run_relabel(self, shard_index: int, num_shards: int, overwrite: bool, wait_timeout: float) -> None:
-        lay = self.layout
-        if lay.tiff and num_shards != 1:
+        if self.tiff and num_shards != 1:
             raise ShardError(f"output_format 'tiff' is written by one process: relabel needs "
                              f"--num-shards 1, got {num_shards} (use output_format: zarr to shard)")
-        _wait_for(
-            lambda: [] if lay.merge_done.is_done(0) else ["the merge marker"],
-            wait_timeout, f"the label merge at {storage.redact_url(lay.work_url)!r}",
-            "run `catena-mito label --phase merge` first",
-        )
-        info = lay.merge_done.read(0)
-        _check_params(info.get("params", {}), _params(self.config, self.input, "merge"),
-                      "the label merge", "rerun --phase merge with --overwrite")
+        merge = self.store.markers(self.spec.run_id, "merge")
+        self.wait_for(lambda: [] if merge.is_done(0) else ["the merge marker"], wait_timeout,
+                  f"the label merge of run {self.spec.run_id} at {self.store.shown}",
+                  "run `catena-mito label --phase merge` first")
+        info = merge.read(0)
         self._set_merge_summary(info)
         dtype = np.dtype(info["dtype"])
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
-        if lay.tiff:
+        if self.tiff:
             self._relabel_tiff(dtype, overwrite)
             return
-        out = storage.open_array(lay.output_url, self.options, mode="r+")
-        if tuple(out.shape) != tuple(self.out_shape) or out.dtype != dtype:
-            raise StorageError(f"output {self.summary.output_url!r} is {list(out.shape)} {out.dtype}, "
-                               f"expected {list(self.out_shape)} {dtype}; rerun --phase merge with --overwrite")
-        mine = select_shard(self.out_grid.blocks(), shard_index, num_shards)
-        done = set() if overwrite else lay.relabel_done.done_indices()
-        todo = [b for b in mine if b.index not in done]
-        self.summary.blocks_skipped += len(mine) - len(todo)
-        if overwrite and todo:
-            lay.relabel_done.clear([b.index for b in todo])
+        out = storage.open_array(self.output_url, self.options, mode="r+")
+        run = dict(out.attrs).get(RUN_ATTR) or {}
+        if tuple(out.shape) != tuple(self.out_shape) or out.dtype != dtype or run.get("run_id") != self.spec.run_id:
+            raise StorageError(f"output {self.summary.output_url!r} is {list(out.shape)} {out.dtype} of run "
+                               f"{run.get('run_id')}, expected {list(self.out_shape)} {dtype} of run "
+                               f"{self.spec.run_id}; rerun --phase merge with --overwrite")
 
-        def one(block: Block) -> None:
-            data = self._relabel_block(block.write_roi, dtype)
+        def write(block: Block, data: np.ndarray) -> None:
             out[block.write_roi.to_slices()] = data
-            lay.relabel_done.mark_done(block.index)  # only after the data
 
-        log.info("label relabel: shard %d/%d, %d blocks (%d already done)",
-                 shard_index, num_shards, len(mine), len(mine) - len(todo))
-        _run_parallel(one, todo, self.threads, f"label relabel {shard_index}/{num_shards}")
-        self.summary.blocks_computed += len(todo)
+        steps = BlockSteps(compute=lambda b, _: self._relabel_block(b.write_roi, dtype), write=write, parallel=True)
+        self._run("relabel", self.out_grid.blocks(), steps, shard_index, num_shards, overwrite,
+                  f"label relabel {shard_index}/{num_shards}", merge_info=info)
+
+    def _complete_info(self, info: Mapping[str, Any]) -> dict[str, Any]:
+        return {"num_objects": info["num_objects"], "num_removed": info.get("num_removed"),
+                "dtype": info["dtype"], "output": storage.redact_url(self.output_url),
+                "output_shape": list(self.out_shape)}
+
+    def _complete_if_done(self, info: Mapping[str, Any]) -> None:
+        self.store.mark_complete_if_done(self.spec, self._complete_info(info))
 
     def _relabel_tiff(self, dtype: np.dtype, overwrite: bool) -> None:
-        lay = self.layout
-        if not overwrite and lay.relabel_done.is_done(0) and storage.exists(lay.output_url, self.options):
-            log.info("label relabel: %s already written", self.summary.output_url)
-            return
-        _check_tiff_fits(self.out_shape, dtype, lay.output_url)
-        volume = np.zeros(self.out_shape, dtype)
+        _check_tiff_fits(self.out_shape, dtype, self.output_url)
 
-        def one(block: Block) -> None:
-            volume[block.write_roi.to_slices()] = self._relabel_block(block.write_roi, dtype)
+        def compute(_block: Block, _: Any) -> np.ndarray:
+            volume = np.zeros(self.out_shape, dtype)
 
-        _run_parallel(one, self.out_grid.blocks(), self.threads, "label relabel (tiff)")
-        attrs = self._output_attrs()
-        storage.write_tiff(lay.output_url, volume, attrs["resolution"], attrs["offset"], self.options)
-        lay.relabel_done.mark_done(0)
-        self.summary.blocks_computed += self.out_grid.num_blocks
+            def one(block: Block) -> None:
+                volume[block.write_roi.to_slices()] = self._relabel_block(block.write_roi, dtype)
+
+            with ThreadPoolExecutor(self.threads) as pool:
+                list(pool.map(one, self.out_grid.blocks()))
+            return volume
+
+        def write(_block: Block, volume: np.ndarray) -> None:
+            attrs = self._output_attrs()
+            storage.write_tiff(self.output_url, volume, attrs["resolution"], attrs["offset"], self.options)
+
+        self._run("relabel", [_single_block()], BlockSteps(compute=compute, write=write), 0, 1, overwrite,
+                  "label relabel (tiff)", merge_info=self.store.markers(self.spec.run_id, "merge").read(0))
 
     def _map(self, index: int) -> np.ndarray:
         table = self._maps.get(index)
         if table is None:
-            data = storage.read_bytes(self.layout.block_map(index), self.options)
-            table = np.load(io.BytesIO(data))
+            data = storage.read_bytes(self.block_map(index), self.options)
+            with _NPY_HEADER_LOCK:
+                table = np.load(io.BytesIO(data))
             self._maps[index] = table
             while len(self._maps) > 64:  # the tables of recent blocks (scaled outputs reuse them)
                 self._maps.popitem(last=False)
@@ -730,27 +728,69 @@ class _LabelTask:
     # -- clean ----------------------------------------------------------------------------
 
     def run_clean(self) -> None:
-        lay, opts = self.layout, self.options
-        if not lay.merge_done.is_done(0):
-            raise PhaseError(f"the label merge at {storage.redact_url(lay.work_url)!r} is not complete; "
-                             "nothing to clean (run the merge and relabel phases first)")
-        info = lay.merge_done.read(0)
-        _check_params(info.get("params", {}), _params(self.config, self.input, "merge"),
-                      "the label merge", "rerun --phase merge with --overwrite")
-        expected = [0] if lay.tiff else list(range(self.out_grid.num_blocks))
-        missing = lay.relabel_done.missing(expected)
-        if missing:
-            raise PhaseError(f"the label relabel phase is not complete: {len(missing)} of "
-                             f"{len(expected)} blocks missing (first: {missing[:5]}); run it first")
-        record = {"params": info["params"], "num_objects": info["num_objects"],
-                  "num_removed": info.get("num_removed"), "dtype": info["dtype"],
-                  "output": storage.redact_url(lay.output_url), "output_shape": list(self.out_shape),
-                  "time": time.time()}
-        storage.write_json(lay.url("complete.json"), record, opts)  # first, so a crash below is harmless
-        for part in ("blocks", "merge", "relabel", "plan.json"):
-            storage.remove(lay.url(part), opts)
-        self._set_merge_summary(info)
-        log.info("label: cleaned the intermediate files under %s", storage.redact_url(lay.work_url))
+        self.check_owner()
+        merge = self.store.markers(self.spec.run_id, "merge")
+        if self.store.read_complete(self.spec.run_id) is None:
+            if not merge.is_done(0):
+                raise PhaseError(f"the label merge of run {self.spec.run_id} at {self.store.shown} is not "
+                                 "complete; nothing to clean (run the merge and relabel phases first)")
+            total = self.spec.num_blocks("relabel")
+            missing = self.store.markers(self.spec.run_id, "relabel").missing(range(total))
+            if missing:
+                raise PhaseError(f"the label relabel phase is not complete: {len(missing)} of "
+                                 f"{total} blocks missing (first: {missing[:5]}); run it first")
+            self._complete_if_done(merge.read(0))
+        with Lease(self.store, self.spec.run_id, "clean", f"the label clean of {self.store.shown}"):
+            record = self.store.read_complete(self.spec.run_id) or {}
+            # complete.json stays (and run.json): consumers and `status` read them
+            for part in ("blocks", "merge", "relabel"):
+                storage.remove(self.url(part), self.options)
+        self._set_merge_summary(record)
+        log.info("label: cleaned the intermediate files under %s", storage.redact_url(self.work_url))
+
+    # -- plan -----------------------------------------------------------------------------
+
+    def plan(self, shard_index: int, num_shards: int) -> dict[str, Any]:
+        """What this run would do (``--dry-run``), reading only."""
+        itemsize = np.dtype(self.input.dtype).itemsize
+        block_voxels = math.prod(self.config.chunk_size)
+        claim = self.store.read_claim()
+        if claim is None:
+            state = "new"
+        elif claim.get("run_id") == self.spec.run_id:
+            state = "this run: " + ", ".join(
+                f"{p.phase} {len(p.done)}/{p.total}" for p in self.store.progress(claim))
+        else:
+            state = f"another run ({self.store.mismatch_message(claim, self.spec)})"
+        return {
+            "input": self.input.shown, "output": self.summary.output_url, "run_id": self.spec.run_id,
+            "input_shape": list(self.input.shape), "output_shape": list(self.out_shape),
+            "chunk_size": list(self.config.chunk_size),
+            "blocks_total": self.grid.num_blocks, "relabel_blocks_total": self.spec.num_blocks("relabel"),
+            "blocks_per_shard": [len(range(k, self.grid.num_blocks, num_shards)) for k in range(num_shards)],
+            "threads": self.threads,
+            # per block in flight: the input values, the mask, the labels (uint32) and the npz
+            "peak_memory_bytes_per_worker": int(self.threads * block_voxels * (itemsize + 1 + 4 + 4)),
+            "output_bytes_at_least": int(math.prod(self.out_shape)) * 4,
+            "output_state": state,
+        }
+
+
+def format_plan(plan: Mapping[str, Any]) -> str:
+    gib = 2.0**30
+    per_shard = plan["blocks_per_shard"]
+    return "\n".join([
+        f"label {plan['input']} -> {plan['output']} (run {plan['run_id']})",
+        f"  input       {plan['input_shape']}; output {plan['output_shape']} uint32 or uint64, "
+        f"at least {plan['output_bytes_at_least'] / gib:.3f} GiB",
+        f"  blocks      {plan['blocks_total']} of {plan['chunk_size']} (relabel {plan['relabel_blocks_total']}); "
+        f"per shard {min(per_shard)}-{max(per_shard)}" if min(per_shard) != max(per_shard) else
+        f"  blocks      {plan['blocks_total']} of {plan['chunk_size']} (relabel {plan['relabel_blocks_total']}); "
+        f"per shard {per_shard[0]}",
+        f"  memory      about {plan['peak_memory_bytes_per_worker'] / gib:.2f} GiB per worker "
+        f"({plan['threads']} blocks in flight)",
+        f"  output now  {plan['output_state']}",
+    ])
 
 
 def label(
@@ -762,6 +802,8 @@ def label(
     wait_timeout: float = 0.0,
     *,
     num_threads: int | None = None,
+    allow_incomplete: bool = False,
+    dry_run: bool = False,
 ) -> LabelSummary:
     """Run ``phase`` of the label task of ``config`` (see the module docstring).
 
@@ -770,8 +812,10 @@ def label(
     and ``clean`` are single-process. ``wait_timeout`` (seconds): merge polls for every
     block's done marker and relabel for the merge marker for up to this long; with 0 a
     missing previous phase is an immediate :class:`PhaseError`. ``overwrite`` recomputes
-    what is marked done and replaces an incompatible output. ``num_threads`` (default: the
-    CPU count, at most 8) overlaps block I/O with compute.
+    what is marked done and, in the first phase, replaces another run's output.
+    ``allow_incomplete``: label an incomplete or stale prediction anyway (logged).
+    ``dry_run``: plan only; ``summary.plan`` holds it. ``num_threads`` (default: the CPUs
+    this process may use, at most 8) overlaps block I/O with compute.
     """
     if phase not in PHASES:
         raise ConfigError(f"phase: expected one of {', '.join(PHASES)}, got {phase!r}")
@@ -784,21 +828,32 @@ def label(
     if phase in ("merge", "clean"):  # one process: a shard count from the environment is moot
         shard_index, num_shards = 0, 1
     threads = num_threads or default_threads()
-    task = _LabelTask(config, threads)
+    task = _LabelTask(config, threads, allow_incomplete)
     task.summary.phase = phase
-    task.save_config()
-    if task.already_complete(overwrite):
+    if dry_run:
+        task.summary.plan = task.plan(shard_index, num_shards)
+        return task.summary
+    if phase != "clean" and task.already_complete(overwrite):  # clean tidies a complete run
         return task.summary
     if not overwrite and phase in ("all", "blocks", "merge"):
         task.check_existing_output()
-    started = time.perf_counter()
     if phase in ("all", "blocks"):
+        task.claim(overwrite)
+    task.save_config()
+    started = time.perf_counter()
+    if phase == "all":
+        with Lease(task.store, task.spec.run_id, "all", f"label --phase all of {task.store.shown}"):
+            task.run_blocks(0, 1, overwrite)
+            task.run_merge(overwrite, wait_timeout)
+            task.run_relabel(0, 1, overwrite, wait_timeout)
+            task.run_clean()
+    elif phase == "blocks":
         task.run_blocks(shard_index, num_shards, overwrite)
-    if phase in ("all", "merge"):
+    elif phase == "merge":
         task.run_merge(overwrite, wait_timeout)
-    if phase in ("all", "relabel"):
+    elif phase == "relabel":
         task.run_relabel(shard_index, num_shards, overwrite, wait_timeout)
-    if phase in ("all", "clean"):
+    else:
         task.run_clean()
     log.info("label %s: done in %.1f s (%s)", phase, time.perf_counter() - started, task.summary.output_url)
     return task.summary

@@ -45,22 +45,28 @@ are refused before any work.
 from __future__ import annotations
 
 import logging
+import math
 import os
-import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from catena_mito import storage
-from catena_mito.config import PredictConfig, save_resolved_config
-from catena_mito.errors import CheckpointError, ConfigError, DataError
 from catena_mito.blockwise.geometry import Block, BlockGrid, Coord, Roi, check_shard, select_shard
-from catena_mito.blockwise.markers import DoneMarkers
+from catena_mito.blockwise.identity import RUN_ATTR
+from catena_mito.blockwise.runner import BlockSteps, PhaseResult, run_phase
+from catena_mito.blockwise.runs import (
+    RunSpec,
+    RunStore,
+    array_identity,
+    checkpoint_identity,
+    describe_inputs,
+)
+from catena_mito.config import PredictConfig, save_resolved_config
+from catena_mito.errors import CheckpointError, ConfigError, DataError, RunMismatchError
 from catena_mito.preprocess import GridMap, Preprocessor, normalize
 
 log = logging.getLogger(__name__)
@@ -68,6 +74,11 @@ log = logging.getLogger(__name__)
 #: Largest TIFF output gathered in memory (bytes); ``$CATENA_TIFF_MAX_BYTES`` overrides.
 TIFF_MAX_BYTES = 8 * 2**30
 MARKER_TASK = "predict"
+#: The run records' folder inside the output array (see :mod:`catena_mito.blockwise.runs`).
+RECORD_DIR = ".catena/predict"
+#: Bumped whenever a change in this module or in inference/preprocess changes the values
+#: predict writes, so outputs of an older algorithm never pass as current.
+ALGORITHM_VERSION = 1
 
 
 # --- settings resolved from the config and the checkpoint -----------------------------------
@@ -236,6 +247,8 @@ class _Job:
 
     input_url: str
     output_url: str
+    raw_url: str
+    raw_identity: dict
     preprocessor: Preprocessor
     window_grid: Any  # inference.WindowGrid
     block_grid: BlockGrid
@@ -296,6 +309,8 @@ def _make_job(config: PredictConfig, settings: ModelSettings, input_url: str, ou
     return _Job(
         input_url=input_url,
         output_url=output_url,
+        raw_url=raw_url,
+        raw_identity=array_identity(raw, raw_url, config.storage_options),
         preprocessor=pre,
         window_grid=wgrid,
         block_grid=BlockGrid(out_shape, config.block_shape),
@@ -305,41 +320,6 @@ def _make_job(config: PredictConfig, settings: ModelSettings, input_url: str, ou
         original_res=original_res,
         target_res=target_res,
     )
-
-
-def _prefetch(
-    blocks: Iterable[Block], read: Callable[[Block], np.ndarray], num_workers: int
-) -> Iterator[tuple[Block, np.ndarray]]:
-    """``(block, read(block))`` in order; with workers, up to ``num_workers + 1`` reads ahead.
-
-    Reading and preprocessing (decompression, CLAHE, resampling) run in threads while the
-    model runs; numpy and the codecs release the GIL. Memory grows with the reads ahead.
-    """
-    if num_workers <= 0:
-        for block in blocks:
-            yield block, read(block)
-        return
-    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="catena-read") as pool:
-        pending: deque[tuple[Block, Future]] = deque()
-        it = iter(blocks)
-        try:
-            for block in it:
-                pending.append((block, pool.submit(read, block)))
-                if len(pending) > num_workers:
-                    done_block, fut = pending.popleft()
-                    yield done_block, fut.result()
-            while pending:
-                done_block, fut = pending.popleft()
-                yield done_block, fut.result()
-        finally:
-            for _, fut in pending:
-                fut.cancel()
-
-
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="block", file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
 
 
 def _resolved(config: PredictConfig, settings: ModelSettings, job: _Job) -> PredictConfig:
@@ -355,15 +335,54 @@ def _resolved(config: PredictConfig, settings: ModelSettings, job: _Job) -> Pred
     )
 
 
-def _open_output(config: PredictConfig, job: _Job, overwrite: bool):
-    attrs = {
+# --- run identity ---------------------------------------------------------------------------
+
+
+def run_spec(config: PredictConfig, settings: ModelSettings, job: _Job, model_identity: Mapping[str, Any],
+             precision: str) -> RunSpec:
+    """What determines one output: model, input, the settings that change values, the plan.
+
+    Not in it: ``batch_size``, ``num_workers``, the device beyond its precision, and the
+    shard count, which change no value (the runner pads batches to a fixed size; see
+    :class:`~catena_mito.inference.ModelRunner` for the tolerance across devices).
+    """
+    description = {
+        "algorithm": ALGORITHM_VERSION,
+        "inputs": describe_inputs({"model": (config.model_path, model_identity), "raw": (job.raw_url, job.raw_identity)}),
+        "settings": {
+            "patch_size": list(settings.patch_size), "stride": list(settings.stride), "clahe": settings.clahe,
+            "tta": config.tta, "original_res": list(job.original_res), "target_res": list(job.target_res),
+            "output_res": config.output_res, "output_dtype": config.output_dtype, "precision": precision,
+        },
+        "plan": {"shape": list(job.block_grid.volume_shape), "block_shape": list(job.block_grid.block_shape),
+                 "output_chunks": list(config.output_chunks)},
+    }
+    return RunSpec(MARKER_TASK, description, ((MARKER_TASK, job.block_grid.num_blocks),))
+
+
+def record_url(output_url: str) -> str:
+    """Where the run records of a prediction output live (inside the array's folder)."""
+    return storage.join_url(output_url, RECORD_DIR)
+
+
+def run_store(output_url: str, storage_options: Mapping[str, Any] | None = None) -> RunStore:
+    """The run records of the prediction output at ``output_url``."""
+    return RunStore(record_url(output_url), storage_options, shown=f"output {storage.redact_url(output_url)!r}")
+
+
+def _output_attrs(config: PredictConfig, job: _Job, spec: RunSpec) -> dict[str, Any]:
+    return {
         **storage.spatial_attrs(job.out_res, job.offset),
         "catena_predict": {
             "input": storage.redact_url(job.input_url),
             "output_dtype": config.output_dtype,
             "uint8_scale": 255 if config.output_dtype == "uint8" else None,
         },
+        RUN_ATTR: {"task": MARKER_TASK, "run_id": spec.run_id, "record": RECORD_DIR},
     }
+
+
+def _open_output(config: PredictConfig, job: _Job, attrs: Mapping[str, Any], overwrite: bool):
     shape = job.block_grid.volume_shape
     if storage.array_exists(job.output_url, config.storage_options):
         existing = storage.open_array(job.output_url, config.storage_options, mode="r+")
@@ -386,44 +405,52 @@ def _open_output(config: PredictConfig, job: _Job, overwrite: bool):
     )
 
 
-def _predict_zarr(config: PredictConfig, settings: ModelSettings, runner: Any, job: _Job,
+def _steps(job: _Job, runner: Any, config: PredictConfig, write: Callable[[Block, np.ndarray], None]) -> BlockSteps:
+    return BlockSteps(
+        read=lambda b: job.preprocessor(job.read_region(b)),
+        compute=lambda b, data: encode(job.compute(runner, b, data), config.output_dtype),
+        write=lambda b, values: write(b, values) or {"write_offset": list(b.write_roi.offset),
+                                                     "write_shape": list(b.write_roi.shape)},
+    )
+
+
+def _predict_zarr(config: PredictConfig, settings: ModelSettings, runner: Any, job: _Job, spec: RunSpec,
                   shard_index: int, num_shards: int, overwrite: bool) -> dict[str, Any]:
-    arr = _open_output(config, job, overwrite)
-    markers = DoneMarkers(job.output_url, MARKER_TASK, config.storage_options)
-    save_resolved_config(
-        _resolved(config, settings, job),
-        storage.join_url(job.output_url, ".catena", MARKER_TASK, "config.yaml"),
-        config.storage_options,
-    )
-    blocks = select_shard(job.block_grid.blocks(), shard_index, num_shards)
-    if overwrite:
-        markers.clear([b.index for b in blocks])
-    todo_idx = set(markers.missing([b.index for b in blocks]))
-    todo = [b for b in blocks if b.index in todo_idx]
-    log.info(
-        "predict %s -> %s: %d blocks in shard %d/%d, %d done already, %d to compute",
-        storage.redact_url(job.input_url), storage.redact_url(job.output_url), len(blocks),
-        shard_index, num_shards, len(blocks) - len(todo), len(todo),
-    )
+    opts = config.storage_options
+    store = run_store(job.output_url, opts)
+    claim = store.read_claim()
+    if claim is not None and claim.get("run_id") != spec.run_id and not overwrite:
+        raise RunMismatchError(store.mismatch_message(claim, spec))  # before anything is written
+    existed = storage.array_exists(job.output_url, opts)
+    arr = _open_output(config, job, _output_attrs(config, job, spec), overwrite)
+    if not existed and claim is not None:
+        # The array was deleted but its records were not (object stores): nothing is done.
+        storage.remove(store.url("runs"), opts)
+    store.claim(spec, overwrite=overwrite)
+    save_resolved_config(_resolved(config, settings, job), store.url("config.yaml"), opts)
+
+    def write(block: Block, values: np.ndarray) -> None:
+        arr[block.write_roi.to_slices()] = values
+
     windows_before = getattr(runner, "windows_run", 0)
-    with _progress(len(todo), f"predict shard {shard_index}/{num_shards}") as bar:
-        for block, data in _prefetch(todo, lambda b: job.preprocessor(job.read_region(b)), config.num_workers):
-            probs = job.compute(runner, block, data)
-            arr[block.write_roi.to_slices()] = encode(probs, config.output_dtype)
-            # Only now, with the data written, is the block done.
-            markers.mark_done(block.index, {"shard": shard_index, "write_offset": list(block.write_roi.offset),
-                                            "write_shape": list(block.write_roi.shape)})
-            bar.update(1)
+    result = run_phase(store, spec, MARKER_TASK, job.block_grid.blocks(), _steps(job, runner, config, write),
+                       shard_index=shard_index, num_shards=num_shards, overwrite=overwrite,
+                       threads=max(1, config.num_workers), desc=f"predict shard {shard_index}/{num_shards}")
+    return _summary(job, result, getattr(runner, "windows_run", 0) - windows_before, spec)
+
+
+def _summary(job: _Job, result: PhaseResult, windows: int, spec: RunSpec | None) -> dict[str, Any]:
     return {
         "input": storage.redact_url(job.input_url),
         "output": storage.redact_url(job.output_url),
+        "run_id": spec.run_id if spec is not None else None,
         "shape": list(job.block_grid.volume_shape),
         "resolution": list(job.out_res),
-        "blocks_total": job.block_grid.num_blocks,
-        "blocks_in_shard": len(blocks),
-        "blocks_computed": len(todo),
-        "blocks_skipped": len(blocks) - len(todo),
-        "windows_run": getattr(runner, "windows_run", 0) - windows_before,
+        "blocks_total": result.blocks_total,
+        "blocks_in_shard": result.blocks_in_shard,
+        "blocks_computed": result.blocks_computed,
+        "blocks_skipped": result.blocks_skipped,
+        "windows_run": windows,
     }
 
 
@@ -451,46 +478,48 @@ def _predict_tiff(config: PredictConfig, settings: ModelSettings, runner: Any, j
             "($CATENA_TIFF_MAX_BYTES); use output_format 'zarr'"
         )
     out = np.zeros(shape, dtype=config.output_dtype)
-    blocks = job.block_grid.blocks()
+
+    def write(block: Block, values: np.ndarray) -> None:
+        out[block.write_roi.to_slices()] = values
+
     windows_before = getattr(runner, "windows_run", 0)
-    with _progress(len(blocks), "predict (tiff)") as bar:
-        for block, data in _prefetch(blocks, lambda b: job.preprocessor(job.read_region(b)), config.num_workers):
-            out[block.write_roi.to_slices()] = encode(job.compute(runner, block, data), config.output_dtype)
-            bar.update(1)
+    result = run_phase(None, None, MARKER_TASK, job.block_grid.blocks(), _steps(job, runner, config, write),
+                       threads=max(1, config.num_workers), desc="predict (tiff)")
     storage.write_tiff(job.output_url, out, job.out_res, job.offset, config.storage_options)
     save_resolved_config(_resolved(config, settings, job), job.output_url + ".config.yaml", config.storage_options)
-    return {
-        "input": storage.redact_url(job.input_url),
-        "output": storage.redact_url(job.output_url),
-        "shape": list(shape),
-        "resolution": list(job.out_res),
-        "blocks_total": len(blocks),
-        "blocks_in_shard": len(blocks),
-        "blocks_computed": len(blocks),
-        "blocks_skipped": 0,
-        "windows_run": getattr(runner, "windows_run", 0) - windows_before,
-    }
+    return _summary(job, result, getattr(runner, "windows_run", 0) - windows_before, None)
 
 
 # --- the job --------------------------------------------------------------------------------
 
 
-def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, overwrite: bool = False) -> dict:
+def _checkpoint_bytes(url: str, storage_options: Mapping[str, Any]) -> bytes:
+    try:
+        return storage.read_bytes(url, storage_options)
+    except storage.StorageError as e:
+        raise CheckpointError(f"cannot read checkpoint {storage.redact_url(url)}: {e}") from e
+
+
+def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, overwrite: bool = False,
+            *, dry_run: bool = False) -> dict:
     """Run shard ``shard_index`` of ``num_shards`` of a prediction job; return a summary.
 
     The summary: ``{"shard_index", "num_shards", "seconds", "outputs": [per input: input,
-    output, shape, resolution, blocks_total, blocks_in_shard, blocks_computed,
-    blocks_skipped, windows_run]}``.
+    output, run_id, shape, resolution, blocks_total, blocks_in_shard, blocks_computed,
+    blocks_skipped, windows_run]}``. ``dry_run``: plan only (see :func:`plan_summary`),
+    nothing is written; the summary is ``{"dry_run": True, "outputs": [plans]}``.
 
     Raises:
         ShardError/ConfigError: bad shard, TIFF with several shards or too large, patch
         or stride problems, outputs that would collide.
+        RunMismatchError: an output holds another run's result (other model, settings,
+        plan or input) and ``overwrite`` is off.
         CheckpointError: missing/unreadable checkpoint, model_type mismatch.
         DataError: raw data not 3-D, or smaller than a patch at the model resolution.
         StorageError: unreadable input or incompatible existing output.
     """
     from catena_mito.checkpoint import build_model_from_checkpoint, load_checkpoint
-    from catena_mito.inference import ModelRunner
+    from catena_mito.inference import ModelRunner, precision_name
 
     start = time.perf_counter()
     check_shard(shard_index, num_shards)
@@ -502,17 +531,24 @@ def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, ov
     urls = output_urls(config)
     ckpt = load_checkpoint(config.model_path, config.storage_options, map_location="cpu")
     settings = resolve_model_settings(config, ckpt)
+    model_identity = checkpoint_identity(_checkpoint_bytes(config.model_path, config.storage_options),
+                                         settings.model_type)
     # Plan every input before any work: a bad input is reported before outputs are touched.
     jobs = [_make_job(config, settings, inp, out) for inp, out in zip(config.test_zarr_dirs, urls)]
+    precision = precision_name(config.device, config.amp)
+    specs = [run_spec(config, settings, job, model_identity, precision) for job in jobs]
+    if dry_run:
+        plans = [plan_summary(config, settings, job, spec, shard_index, num_shards) for job, spec in zip(jobs, specs)]
+        return {"dry_run": True, "shard_index": shard_index, "num_shards": num_shards, "outputs": plans}
     model = build_model_from_checkpoint(ckpt)
     del ckpt
     runner = ModelRunner(model, batch_size=config.batch_size, device=config.device, amp=config.amp, tta=config.tta)
     results = []
-    for job in jobs:
+    for job, spec in zip(jobs, specs):
         if config.output_format == "tiff":
             results.append(_predict_tiff(config, settings, runner, job))
         else:
-            results.append(_predict_zarr(config, settings, runner, job, shard_index, num_shards, overwrite))
+            results.append(_predict_zarr(config, settings, runner, job, spec, shard_index, num_shards, overwrite))
     summary = {
         "shard_index": shard_index,
         "num_shards": num_shards,
@@ -525,3 +561,73 @@ def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, ov
         sum(r["blocks_skipped"] for r in results), sum(r["windows_run"] for r in results), summary["seconds"],
     )
     return summary
+
+
+def plan_summary(config: PredictConfig, settings: ModelSettings, job: _Job, spec: RunSpec,
+                 shard_index: int, num_shards: int) -> dict[str, Any]:
+    """What a run would do, without doing it: volume, blocks, windows, memory, output size,
+    and what the output holds now (read only)."""
+    blocks = job.block_grid.blocks()
+    mine = select_shard(blocks, shard_index, num_shards)
+    per_block = [len(job.window_grid.windows(job.model_region(b))) for b in blocks]
+    read_voxels = max(job.read_region(b).size for b in blocks)
+    write_voxels = max(b.write_roi.size for b in blocks)
+    patch = math.prod(settings.patch_size)
+    ahead = max(1, config.num_workers) + 1
+    # float32: blocks read ahead + the one computing, its blend (num, den) and the output
+    # being encoded, a batch of windows in and out (x4 with flips TTA); plus the model.
+    peak = 4 * (read_voxels * (ahead + 1) + 3 * write_voxels
+                + 2 * config.batch_size * patch * (4 if config.tta == "flips" else 1))
+    itemsize = np.dtype(config.output_dtype).itemsize
+    plan = {
+        "input": storage.redact_url(job.input_url),
+        "output": storage.redact_url(job.output_url),
+        "run_id": spec.run_id,
+        "output_shape": list(job.block_grid.volume_shape),
+        "output_dtype": config.output_dtype,
+        "output_bytes": int(math.prod(job.block_grid.volume_shape)) * itemsize,
+        "model_grid_shape": list(job.window_grid.volume_shape),
+        "block_shape": list(job.block_grid.block_shape),
+        "blocks_total": len(blocks),
+        "blocks_per_shard": [len(range(k, len(blocks), num_shards)) for k in range(num_shards)],
+        "blocks_in_this_shard": len(mine),
+        "windows_whole_volume": job.window_grid.num_windows,
+        "windows_per_block_max": max(per_block),
+        "windows_all_blocks": sum(per_block),
+        "windows_this_shard": sum(per_block[b.index] for b in mine),
+        "peak_memory_bytes_per_worker": int(peak),
+        "output_state": "new",
+    }
+    if config.output_format == "zarr":
+        store = run_store(job.output_url, config.storage_options)
+        claim = store.read_claim()
+        if claim is None:
+            plan["output_state"] = "new" if not storage.array_exists(job.output_url, config.storage_options) else "unclaimed"
+        elif claim.get("run_id") == spec.run_id:
+            done = store.markers(spec.run_id, MARKER_TASK).done_indices()
+            plan["output_state"] = f"this run: {len(done)} of {len(blocks)} blocks done"
+        else:
+            plan["output_state"] = f"another run ({store.mismatch_message(claim, spec)})"
+    return plan
+
+
+def format_plan(plan: Mapping[str, Any]) -> str:
+    gib = 2.0**30
+    lines = [
+        f"predict {plan['input']} -> {plan['output']} (run {plan['run_id']})",
+        f"  output      {plan['output_shape']} {plan['output_dtype']}, {plan['output_bytes'] / gib:.3f} GiB"
+        f" (model grid {plan['model_grid_shape']})",
+        f"  blocks      {plan['blocks_total']} of {plan['block_shape']}; per shard {_counts(plan['blocks_per_shard'])}"
+        f"; this shard {plan['blocks_in_this_shard']}",
+        f"  windows     {plan['windows_all_blocks']} over all blocks ({plan['windows_per_block_max']} per block at most)"
+        f", {plan['windows_whole_volume']} in one whole-volume pass"
+        f" ({plan['windows_all_blocks'] / max(1, plan['windows_whole_volume']):.2f}x); this shard {plan['windows_this_shard']}",
+        f"  memory      about {plan['peak_memory_bytes_per_worker'] / gib:.2f} GiB of data buffers per worker, plus the model",
+        f"  output now  {plan['output_state']}",
+    ]
+    return "\n".join(lines)
+
+
+def _counts(values: list[int]) -> str:
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high}"

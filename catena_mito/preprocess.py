@@ -52,8 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from catena_mito.errors import ConfigError, DataError
 from catena_mito.blockwise.geometry import Coord, Roi, as_coord
+from catena_mito.errors import ConfigError, DataError
 
 Resolution = tuple[float, float, float]
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from catena_mito import storage
+from catena_mito.blockwise.runs import check_input
 from catena_mito.errors import DataError
 
 #: Tint strength of an instance's interior over raw (outlines are drawn opaque).
@@ -149,13 +150,16 @@ def preview(
     z: Sequence[int] = (),
     orthogonal: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    allow_incomplete: bool = False,
 ) -> list[str]:
     """Write preview PNGs to ``out`` + name; returns the URLs written.
 
     ``dataset`` supplies defaults for the arrays (``volumes/raw``,
     ``volumes/predictions/mito``, ``volumes/labels/mito_instances``, each used if
     present); ``raw``/``prediction``/``instances`` name arrays explicitly. ``z`` lists
-    slice indices (voxels); empty means the middle slice.
+    slice indices (voxels); empty means the middle slice. Probabilities or instances
+    written by catena-mito that are incomplete or stale are refused unless
+    ``allow_incomplete``.
     """
     urls = {
         "raw": _resolve(dataset, raw, storage.RAW_PATH, storage_options),
@@ -163,6 +167,10 @@ def preview(
         "instances": _resolve(dataset, instances, storage.INSTANCES_PATH, storage_options),
     }
     arrays = {k: storage.open_volume(u, storage_options) for k, u in urls.items() if u is not None}
+    for key, arr in arrays.items():
+        if key != "raw":
+            check_input(arr, urls[key], f"{'prediction' if key == 'prob' else 'instances'} "
+                        f"{storage.redact_url(urls[key])!r}", storage_options, allow_incomplete=allow_incomplete)
     if not arrays:
         raise DataError(
             f"nothing to preview in {storage.redact_url(dataset or '')!r}: no volumes/raw, "

@@ -233,10 +233,10 @@ def test_all_equals_phases_and_rerun_is_a_no_op():
     np.testing.assert_array_equal(read_output(a), reference_labels(values, 0.5, 26, 10))
     assert summary.num_objects == read_output(a).max()
     # `all` cleaned up behind itself and a rerun does nothing
-    work = storage.join_url(a.output_instance_dir, ".catena/label/mito_instances")
-    assert storage.exists(storage.join_url(work, "complete.json"))
-    assert not storage.exists(storage.join_url(work, "blocks"))
-    assert storage.exists(storage.join_url(work, "config.yaml"))
+    task = label_module._LabelTask(a, 1)
+    assert task.store.read_complete(task.spec.run_id)["num_objects"] == summary.num_objects
+    assert not storage.exists(task.url("blocks"))
+    assert storage.exists(task.store.url("config.yaml"))
     again = label(a)
     assert again.blocks_computed == 0 and again.num_objects == summary.num_objects
     # the same output asked for with other settings is refused, naming the field
@@ -287,10 +287,10 @@ def test_a_killed_blocks_phase_leaves_no_block_marked_done_without_its_data(monk
         label(config, phase="blocks", num_threads=1)
     monkeypatch.setattr(storage, "write_bytes", real_write)
     task = label_module._LabelTask(config, 1)
-    done = task.layout.blocks_done.done_indices()
+    done = task.store.markers(task.spec.run_id, "blocks").done_indices()
     assert 5 not in done and done  # the blocks before it are done, the failed one is not
     for i in done:
-        assert storage.exists(task.layout.block_data(i))
+        assert storage.exists(task.block_data(i))
     summary = label(config)
     assert summary.blocks_skipped == len(done)
     np.testing.assert_array_equal(read_output(config), reference_labels(values, 0.5, 26, 100))
@@ -349,8 +349,9 @@ def test_concurrent_shard_processes_local(tmp_path):
                              str(tmp_path / "label.yaml"), "--phase", "clean"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "out.zarr/.catena/label/mito_instances/complete.json").exists()
-    assert not (tmp_path / "out.zarr/.catena/label/mito_instances/blocks").exists()
+    task = label_module._LabelTask(config, 1)
+    assert task.store.read_complete(task.spec.run_id) is not None
+    assert not Path(task.url("blocks")).exists()
 
 
 def test_cli_missing_phase_is_one_line_and_nonzero(tmp_path):

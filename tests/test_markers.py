@@ -5,20 +5,15 @@ from __future__ import annotations
 import os
 import uuid
 
-import pytest
-
 from catena_mito.blockwise.markers import DoneMarkers
 
 
-@pytest.fixture(params=["local", "memory"])
-def root(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "out.zarr" / "volumes" / "predictions" / "mito")
-    return f"memory://markers-{uuid.uuid4().hex}.zarr/arr"
+def _root() -> str:
+    return f"memory://markers-{uuid.uuid4().hex}.zarr/arr/.catena/predict/runs/abc/predict/done"
 
 
-def test_mark_list_clear(root):
-    markers = DoneMarkers(root, "predict")
+def test_mark_list_clear():
+    markers = DoneMarkers(_root())
     assert markers.done_indices() == set()
     assert not markers.is_done(3)
     markers.mark_done(3, {"shard": 1})
@@ -32,14 +27,16 @@ def test_mark_list_clear(root):
     assert markers.done_indices() == set()
 
 
-def test_tasks_are_separate(root):
-    DoneMarkers(root, "a").mark_done(1)
-    assert DoneMarkers(root, "b").done_indices() == set()
+def test_folders_are_independent():
+    a, b = _root(), _root()
+    DoneMarkers(a).mark_done(1)
+    assert DoneMarkers(b).done_indices() == set()
 
 
-def test_local_marker_write_leaves_no_temporary_files(tmp_path):
-    markers = DoneMarkers(str(tmp_path / "arr"), "predict")
-    for i in range(5):
+def test_local_markers_are_plain_files_with_times(tmp_path):
+    markers = DoneMarkers(str(tmp_path / "done"))
+    for i in range(3):
         markers.mark_done(i)
-    names = os.listdir(tmp_path / "arr" / ".catena" / "predict" / "done")
-    assert sorted(names) == [f"{i}.json" for i in range(5)]
+    assert sorted(os.listdir(tmp_path / "done")) == ["0.json", "1.json", "2.json"]
+    times = markers.done_times()
+    assert set(times) == {0, 1, 2} and all(t is not None and t > 0 for t in times.values())

@@ -17,7 +17,7 @@ from catena_mito.checkpoint import make_payload, save_checkpoint
 from catena_mito.config import PredictConfig, config_from_dict
 from catena_mito.errors import CheckpointError, ConfigError, DataError
 from catena_mito.inference import sliding_window_predict
-from catena_mito.blockwise.markers import DoneMarkers
+from catena_mito.predict import run_store
 from catena_mito.models import build_model
 from catena_mito.predict import output_urls, predict
 from catena_mito.preprocess import preprocess_volume, resample
@@ -245,7 +245,7 @@ def test_overwrite_clears_only_this_shards_markers(tmp_path, model_and_ckpt, dat
     url, _ = dataset
     config = cfg(ckpt, [url], output_dir=str(tmp_path / "o"))
     run_shards(config, 2)
-    markers = DoneMarkers(output_urls(config)[0], "predict")
+    markers = run_store(output_urls(config)[0]).current_markers("predict")
     assert markers.done_indices() == set(range(8))
     markers.clear([0])  # shard 0's block 0 "lost": overwrite of shard 1 must not touch it
     res = predict(config, shard_index=1, num_shards=2, overwrite=True)["outputs"][0]
@@ -270,7 +270,7 @@ def test_killed_worker_leaves_no_false_marker_and_rerun_completes(tmp_path, mode
     monkeypatch.setattr(pm, "encode", failing_encode)
     with pytest.raises(KeyboardInterrupt):
         predict(config)
-    markers = DoneMarkers(output_urls(config)[0], "predict")
+    markers = run_store(output_urls(config)[0]).current_markers("predict")
     assert markers.done_indices() == {0, 1, 2}
     monkeypatch.setattr(pm, "encode", real_encode)
     res = predict(config)["outputs"][0]

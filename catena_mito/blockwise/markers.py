@@ -1,11 +1,11 @@
-"""Done markers: which blocks of a task are complete, kept beside the output.
+"""Done markers: which blocks of one phase of one run are complete.
 
 A marker is a small JSON object written *after* a block's data, with an atomic write
 (see :func:`catena_mito.storage.write_bytes`), so a worker killed at any moment never
-leaves a block marked done whose data is incomplete. A rerun skips marked blocks;
-``clear`` (``--overwrite``) forgets them so they are recomputed.
-
-Layout: ``<root>/.catena/<task>/done/<block index>.json``.
+leaves a block marked done whose data is incomplete. Markers live in a folder of their
+run (``.../runs/<run id>/<phase>/done/<block index>.json``, see
+:mod:`catena_mito.blockwise.runs`), so markers of another run, or of another plan, are
+never taken for this one's.
 """
 
 from __future__ import annotations
@@ -17,17 +17,13 @@ from typing import Any
 from catena_mito import storage
 from catena_mito.errors import StorageError
 
-MARKER_DIR = ".catena"
-
 
 class DoneMarkers:
-    """Done markers of one task (e.g. ``predict``, ``label-blocks``) under ``root_url``."""
+    """The done markers in the folder ``url``."""
 
-    def __init__(self, root_url: str, task: str, storage_options: Mapping[str, Any] | None = None):
-        self.root_url = root_url
-        self.task = task
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
+        self.url = url
         self.storage_options = dict(storage_options or {})
-        self.url = storage.join_url(root_url, MARKER_DIR, task, "done")
 
     def _marker_url(self, index: int) -> str:
         return storage.join_url(self.url, f"{int(index)}.json")
@@ -43,31 +39,51 @@ class DoneMarkers:
     def read(self, index: int) -> dict:
         return storage.read_json(self._marker_url(index), self.storage_options)
 
-    def done_indices(self) -> set[int]:
-        """Every block index marked done (one listing, not one request per block)."""
+    def done_times(self) -> dict[int, float | None]:
+        """Every block index marked done, with the marker's modification time (epoch
+        seconds, None where the store does not say), from one listing."""
         fs, path = storage.get_fs(self.url, self.storage_options)
         try:
             fs.invalidate_cache(path)
-            names = fs.ls(path, detail=False)
+            entries = fs.ls(path, detail=True)
         except FileNotFoundError:
-            return set()
+            return {}
         except Exception as e:
             raise StorageError(f"cannot list markers at {storage.redact_url(self.url)!r}: {e}") from e
-        done = set()
-        for name in names:
-            base = name.rstrip("/").rsplit("/", 1)[-1]
-            if base.endswith(".json") and base[: -len(".json")].isdigit():
-                done.add(int(base[: -len(".json")]))
+        done: dict[int, float | None] = {}
+        for entry in entries:
+            base = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+            stem = base[: -len(".json")] if base.endswith(".json") else ""
+            if stem.isdigit():
+                done[int(stem)] = _mtime(entry)
         return done
+
+    def done_indices(self) -> set[int]:
+        """Every block index marked done (one listing, not one request per block)."""
+        return set(self.done_times())
 
     def missing(self, indices: Iterable[int]) -> list[int]:
         done = self.done_indices()
         return [i for i in indices if i not in done]
 
     def clear(self, indices: Iterable[int] | None = None) -> None:
-        """Forget markers: those of ``indices``, or all of this task's."""
+        """Forget markers: those of ``indices``, or all of them."""
         if indices is None:
             storage.remove(self.url, self.storage_options)
             return
         for i in indices:
             storage.remove(self._marker_url(i), self.storage_options, recursive=False)
+
+
+def _mtime(entry: Mapping[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        value = entry.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            continue
+    return None
