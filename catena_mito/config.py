@@ -107,11 +107,12 @@ class TrainConfig(JobConfig, _PatchFields):
     exp_name: str = Field("catena_mito", min_length=1, description="Run name: checkpoints and metrics go to `<runs_dir>/<exp_name>/`.")
     train_zarr_dirs: list[str] = Field(..., min_length=1, description="Training datasets (Zarr group URLs in the dataset layout).")
     test_zarr_dirs: list[str] = Field(default_factory=list, description="Validation datasets, evaluated by full-volume sliding window every `eval_interval` epochs.")
-    label_type: LabelType = Field("mito", description="Which labels to learn: `mito` (volumes/labels/mito_ids) or `neuron` (volumes/labels/neuron_ids).")
+    label_type: LabelType = Field("mito", description="Which labels to learn: `mito` (foreground = volumes/labels/mito_ids > 0) or `neuron`: the *boundaries* between neurons of volumes/labels/neuron_ids (voxels whose 6-neighbourhood holds another id, 2 voxels thick), a membrane target for pre-training an encoder that is then fine-tuned on mitochondria.")
     epochs: int = Field(100, gt=0, description="Number of training epochs.")
     batch_size: int = Field(2, gt=0, description="Patches per optimisation step (per process under DDP).")
     steps_per_epoch: int | None = Field(None, gt=0, description="Beyond the design. Optimisation steps per epoch (per process); default: one pass over the (subsampled) patch list. When set, the shuffled patch list is cycled or cut to this many steps (for tiny tests, or huge patch lists).")
     eval_interval: int = Field(10, gt=0, description="Evaluate on `test_zarr_dirs` every this many epochs (and after the last).")
+    val_min_instance_size: int = Field(100, ge=0, description="Beyond the design. Validation instance F1 (reported when the validation labels are instance ids): predicted connected components smaller than this many voxels are removed first, like `label`'s `thres_small_instances`.")
     ckpt_interval: int = Field(10, gt=0, description="Keep an extra checkpoint every this many epochs (`last.pth`/`best.pth` are always kept).")
     patch_size: PositiveTriple = Field((64, 64, 64), description="Training patch shape (z, y, x), voxels at `target_res`.")
     stride: PositiveTriple = Field((32, 32, 32), description="Step of the patch grid (z, y, x), voxels; <= patch_size. The grid also covers the far edges.")
@@ -121,25 +122,50 @@ class TrainConfig(JobConfig, _PatchFields):
     subsample_frac: float = Field(1.0, gt=0, le=1, description="Fraction of the patch grid to keep (random, by `subsample_seed`).")
     subsample_number: int | None = Field(None, gt=0, description="Keep at most this many patches (after `subsample_frac`).")
     subsample_seed: int = Field(0, description="Seed of the patch subsampling.")
-    balance_patches: bool = Field(False, description="Drop patches with fewer than `min_positive_pixels` foreground voxels.")
-    min_positive_pixels: int = Field(1, ge=0, description="Threshold for `balance_patches` (voxels).")
-    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate (for the first 50 epochs when `hotstart` is on).")
+    balance_patches: bool = Field(False, description="Balance positive and negative patches: a patch with fewer than `min_positive_pixels` foreground voxels is *negative* and is drawn with `negative_patch_weight` times the probability of a positive one (negatives are kept, not dropped; weight 0 drops them).")
+    min_positive_pixels: int = Field(1, ge=0, description="With `balance_patches`: a patch needs at least this many foreground voxels to count as positive.")
+    negative_patch_weight: float = Field(0.25, ge=0, le=1, description="Beyond the design. With `balance_patches`: sampling weight of a negative patch relative to a positive one (1 = no balancing, 0 = negatives dropped). Negatives teach the model what is *not* a mitochondrion; without them real data gets false positives.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW, or Adam without `weight_decay`); for the first 50 epochs when `hotstart` is on.")
     learning_rate_after_hotstart_50: float = Field(1e-4, gt=0, description="With `hotstart`: the learning rate from epoch 50 on.")
-    hotstart: bool = Field(False, description="Use `learning_rate` for the first 50 epochs, then `learning_rate_after_hotstart_50`.")
-    loss_type: Literal["DiceLoss", "DiceCE"] = Field("DiceCE", description="MONAI `DiceLoss` or `DiceCELoss` (Dice + cross-entropy).")
-    loss_weights: list[Annotated[float, Field(ge=0)]] | None = Field(None, description="Per-class weights [background, foreground] for class imbalance.")
+    hotstart: bool = Field(False, description="Use `learning_rate` for the first 50 epochs, then `learning_rate_after_hotstart_50` (with `lr_schedule: step` only).")
+    lr_schedule: Literal["step", "poly", "cosine"] = Field("step", description="Beyond the design. `step`: constant `learning_rate` (with `hotstart`: one step down after epoch 50), per epoch. `poly` (nnU-Net: (1 - t/T)^0.9) and `cosine` decay per optimisation step from `learning_rate` to 0 at the last step, after `warmup_steps` of linear warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Beyond the design. With `lr_schedule: poly/cosine`: optimisation steps of linear warm-up from 0 to `learning_rate`.")
+    weight_decay: float = Field(0.0, ge=0, description="Beyond the design. Decoupled weight decay (AdamW); 0 = plain Adam.")
+    loss_type: Literal["DiceLoss", "DiceCE"] = Field("DiceCE", description="`DiceCE`: foreground Dice (pooled over the batch) + class-weighted cross-entropy, summed; `DiceLoss`: the Dice term alone. The Dice term is over the foreground classes only unless `dice_include_background`.")
+    loss_weights: Annotated[float, Field(gt=0)] | list[Annotated[float, Field(ge=0)]] | None = Field(None, description="Class imbalance: one number is the foreground factor (5.0 = a foreground voxel counts 5 times a background one, as in Catena), a list gives one weight per class `[background, foreground]`. Weights the cross-entropy, and the per-class Dice terms when `dice_include_background`.")
+    dice_include_background: bool = Field(False, description="Beyond the design. Also average the background class into the Dice term (MONAI's default; an all-background patch then scores Dice loss 0.5 even when predicted perfectly).")
+    dice_batch: bool = Field(True, description="Beyond the design. Pool the Dice counts over the whole batch (nnU-Net's batch Dice) instead of averaging per-patch Dice: a patch without foreground then adds its false positives instead of an undefined per-patch Dice.")
     rotation_augs: bool = Field(True, description="Random in-plane 90-degree rotations and flips.")
     contrast_augs: bool = Field(True, description="Random contrast/intensity augmentations (MONAI).")
+    missing_section_prob: float = Field(0.0, ge=0, le=1, description="Beyond the design. EM augmentation: probability that a patch gets 1-2 z sections replaced by their mean grey value (lost or blank sections). Image only.")
+    misalignment_prob: float = Field(0.0, ge=0, le=1, description="Beyond the design. EM augmentation: probability that the sections from a random z on are shifted in-plane by up to 8 % of the patch (serial-section misalignment); image and label together.")
+    blur_prob: float = Field(0.0, ge=0, le=1, description="Beyond the design. EM augmentation: probability of an in-plane Gaussian blur (sigma 0.5-1.5 voxels) of one or a few z sections (out-of-focus sections). Image only.")
+    elastic_prob: float = Field(0.0, ge=0, le=1, description="Beyond the design. EM augmentation: probability of a smooth in-plane elastic deformation (displacement up to 3 voxels); image linear, label nearest.")
     model_loc: str | None = Field(None, description="Fine-tune from this checkpoint's weights (layers must match exactly).")
     resume_checkpoint: str | None = Field(None, description="Continue a run exactly where it stopped (epoch, optimiser, RNG). `auto`: from `<runs_dir>/<exp_name>/last.pth` if it exists, else start a new run (for retried pods and requeued jobs).")
-    freeze_encoder: bool = Field(False, description="Freeze the encoder parameters (for transfer learning with `model_loc`).")
+    freeze_encoder: bool = Field(False, description="Freeze the encoder parameters (for transfer learning with `model_loc`; without `model_loc` a random encoder is frozen, which is logged as a warning).")
     model_type: ModelType = Field("monai_unet", description="Backbone: `monai_unet` (MONAI UNet) or `rs_unet` (residual symmetric U-Net).")
-    model_params: dict[str, Any] = Field(default_factory=dict, description="Beyond the design. Backbone hyper-parameters overriding the defaults (e.g. `channels`).")
+    model_params: dict[str, Any] = Field(default_factory=dict, description="Beyond the design. Backbone hyper-parameters overriding the defaults (e.g. `channels`; `norm_momentum` for the batch-norm momentum; `variant: xie` for rs_unet's anisotropic preset after Xie et al.). See docs/tuning.md.")
     runs_dir: str = Field("runs", description="Beyond the design. Where runs are written (any fsspec URL).")
     device: Device = Field("auto", description="Beyond the design. `auto` picks CUDA when available.")
-    amp: bool = Field(True, description="Beyond the design. bf16 autocast on CUDA (no effect on CPU).")
+    amp: bool = Field(True, description="Beyond the design. Mixed precision on CUDA: bf16 autocast where the GPU supports it, else fp16 autocast with gradient scaling (GradScaler). No effect on CPU (logged).")
     num_workers: int = Field(0, ge=0, description="Data-loader worker processes.")
-    seed: int = Field(0, description="Beyond the design. Seed of weights, patch order and augmentations.")
+    seed: int = Field(0, description="Beyond the design. Seed of weights, patch order and augmentations (under DDP dropout uses seed + rank; the weights start identical on every rank).")
+
+    @field_validator("loss_weights", mode="before")
+    @classmethod
+    def _no_bool_weights(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("expected a number (foreground factor) or a list [background, foreground]")
+        return v
+
+    @model_validator(mode="after")
+    def _schedule_fields(self):
+        if self.lr_schedule != "step" and self.hotstart:
+            raise ValueError(f"hotstart is the `step` schedule's drop after epoch 50; it cannot be combined with lr_schedule {self.lr_schedule!r} (set hotstart: false)")
+        if self.lr_schedule == "step" and self.warmup_steps:
+            raise ValueError("warmup_steps needs lr_schedule poly or cosine (the step schedule has no warm-up)")
+        return self
 
 
 class PredictConfig(JobConfig, _PatchFields):

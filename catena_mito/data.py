@@ -28,19 +28,29 @@ How a training run gets its patches
        axis of 100 voxels, patch 32, stride 32:  starts 0, 32, 64, 68
                                                  (68 + 32 = 100: flush with the edge)
 
-5. **Select** (:func:`plan_patches`): ``balance_patches`` drops patches with fewer than
-   ``min_positive_pixels`` foreground voxels; then ``subsample_frac`` keeps that fraction
-   and ``subsample_number`` at most that many, drawn with ``subsample_seed`` (the
-   selection does not depend on ``seed``, so one patch set can be trained with several
-   seeds).
+5. **Select** (:func:`plan_patches`): with ``balance_patches`` a patch with fewer than
+   ``min_positive_pixels`` foreground voxels is *negative*, the others *positive*;
+   negatives are kept with the sampling weight ``negative_patch_weight`` (relative to 1 for
+   a positive patch; weight 0 drops them, Catena's old behaviour here). Mitochondria-free
+   regions are what teaches a model not to fire on vesicles, membranes and dark
+   cytoplasm, so dropping them costs false positives on real data. Then
+   ``subsample_frac`` keeps that fraction and ``subsample_number`` at most that many,
+   drawn with ``subsample_seed`` (the selection does not depend on ``seed``, so one patch
+   set can be trained with several seeds).
 6. **Sample** (:class:`EpochSampler`). An *epoch* is one pass over the selected patch list
    in a fresh random order (from ``seed`` and the epoch number); under DDP the order is
    split between ranks (every rank gets the same number of draws, the list is padded by
    wrapping around, as ``DistributedSampler`` does). With ``steps_per_epoch`` an epoch is
-   that many optimisation steps instead, cycling through fresh permutations.
+   that many optimisation steps instead, cycling through fresh permutations. When the
+   patches have unequal weights (balancing), an epoch draws as many patches *with
+   replacement*, each with probability proportional to its weight (so with weight 0.25
+   and as many negative as positive patches, one draw in five is negative).
 7. **Augment** (:class:`Augmenter`), per draw, from a random generator seeded by
    ``(seed, epoch, draw)``, so a run is reproducible whatever ``num_workers`` is and a
-   resumed run draws what the uninterrupted run would have drawn.
+   resumed run draws what the uninterrupted run would have drawn. Besides rotations,
+   flips and intensity changes, EM-specific defects can be simulated, each with its own
+   probability per patch (all off by default): missing sections, misaligned sections,
+   blurred sections and a smooth elastic deformation (see :class:`Augmenter`).
 """
 
 from __future__ import annotations
@@ -56,12 +66,13 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from catena_mito import storage
-from catena_mito.errors import ConfigError, DataError
 from catena_mito.blockwise.geometry import Coord, as_coord
+from catena_mito.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "EM_AUGMENTATION",
     "Augmenter",
     "EpochSampler",
     "PatchDataset",
@@ -122,6 +133,9 @@ class TrainingVolume:
     raw: np.ndarray
     label: np.ndarray
     resolution: tuple[float, float, float] | None
+    #: Instance ids (z, y, x) for the instance F1 of validation, when kept and meaningful
+    #: (``label_type: mito`` with instance labels, not a binary mask).
+    ids: np.ndarray | None = None
 
     @property
     def shape(self) -> Coord:
@@ -159,8 +173,12 @@ def read_training_volume(
     target_res: Sequence[float] | None = None,
     clahe: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    keep_ids: bool = False,
 ) -> TrainingVolume:
     """Read ``volumes/raw`` and the ``label_type`` labels of the dataset at ``url`` once.
+
+    ``keep_ids``: also keep the instance ids (``label_type: mito`` and labels with more
+    than one id value only; a binary mask holds no instances) for instance metrics.
 
     Raises:
         StorageError: an array is missing or unreadable (the message names its URL).
@@ -197,7 +215,9 @@ def read_training_volume(
     label = binary_target(ids, label_type)
     if label.shape != raw.shape:  # resampling both the same way should make this impossible
         raise DataError(f"{shown}: resampled raw {raw.shape} and labels {label.shape} differ")
-    return TrainingVolume(url=shown, raw=raw, label=label, resolution=resolution)  # type: ignore[arg-type]
+    keep = keep_ids and label_type == "mito" and ids.size and int(ids.max()) > 1
+    return TrainingVolume(url=shown, raw=raw, label=label, resolution=resolution,  # type: ignore[arg-type]
+                          ids=ids if keep else None)
 
 
 class VolumeCache:
@@ -215,8 +235,11 @@ class VolumeCache:
         target_res: Sequence[float] | None = None,
         clahe: bool = False,
         storage_options: Mapping[str, Any] | None = None,
+        keep_ids_for: Sequence[str] = (),
     ) -> None:
         self.label_type = label_type
+        #: Datasets (validation) whose instance ids are kept (see read_training_volume).
+        self.keep_ids_for = {u.rstrip("/") for u in keep_ids_for}
         self.original_res = original_res
         self.target_res = target_res
         self.clahe = clahe
@@ -231,7 +254,7 @@ class VolumeCache:
             self._volumes[key] = read_training_volume(
                 url, self.label_type, original_res=self.original_res,
                 target_res=self.target_res, clahe=self.clahe,
-                storage_options=self.storage_options,
+                storage_options=self.storage_options, keep_ids=key in self.keep_ids_for,
             )
             self.reads += 1
         return self._volumes[key]
@@ -270,10 +293,12 @@ def patch_starts(volume_shape: Sequence[int], patch_size: Sequence[int], stride:
 
 @dataclass(frozen=True)
 class PatchRef:
-    """A patch: the index of its volume and its start corner (z, y, x voxels)."""
+    """A patch: the index of its volume, its start corner (z, y, x voxels) and its
+    sampling weight (1.0; ``negative_patch_weight`` for a negative patch when balancing)."""
 
     volume: int
     start: Coord
+    weight: float = 1.0
 
 
 def plan_patches(
@@ -283,6 +308,7 @@ def plan_patches(
     *,
     balance_patches: bool = False,
     min_positive_pixels: int = 1,
+    negative_patch_weight: float = 0.0,
     subsample_frac: float = 1.0,
     subsample_number: int | None = None,
     subsample_seed: int = 0,
@@ -290,7 +316,9 @@ def plan_patches(
     """The patch list of a run: the grid of every volume, balanced and subsampled.
 
     The result is sorted (volume, then C order), so it does not depend on the order in
-    which the subsampling drew it.
+    which the subsampling drew it. With ``balance_patches`` a patch with fewer than
+    ``min_positive_pixels`` foreground voxels is negative: it gets the weight
+    ``negative_patch_weight`` (0 drops it).
 
     Raises:
         DataError: no patch is left (the message says which step removed them).
@@ -299,13 +327,21 @@ def plan_patches(
     refs = [PatchRef(v, s) for v, vol in enumerate(volumes) for s in patch_starts(vol.shape, patch, stride)]
     total = len(refs)
     if balance_patches:
-        refs = [r for r in refs if _positives(volumes[r.volume], r.start, patch) >= min_positive_pixels]
-        if not refs:
+        positive = [_positives(volumes[r.volume], r.start, patch) >= min_positive_pixels for r in refs]
+        if not any(positive):
             raise DataError(
                 f"balance_patches: none of the {total} patches has at least "
                 f"min_positive_pixels={min_positive_pixels} foreground voxels; lower "
                 "min_positive_pixels or check the labels"
             )
+        if negative_patch_weight > 0:
+            refs = [r if pos else PatchRef(r.volume, r.start, float(negative_patch_weight))
+                    for r, pos in zip(refs, positive)]
+        else:
+            refs = [r for r, pos in zip(refs, positive) if pos]
+        n_neg = sum(1 for p in positive if not p)
+        log.info("balance_patches: %d positive, %d negative patches (negative weight %g)",
+                 total - n_neg, n_neg, negative_patch_weight)
     rng = np.random.default_rng(subsample_seed)
     keep = len(refs)
     if subsample_frac < 1.0:
@@ -342,10 +378,18 @@ class EpochSampler(Sampler):
         rank: int = 0,
         world_size: int = 1,
         draws_per_rank: int | None = None,
+        weights: Sequence[float] | None = None,
     ) -> None:
         if num_patches < 1:
             raise DataError("no training patches")
         self.num_patches = num_patches
+        self.probabilities: np.ndarray | None = None
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64)
+            if w.shape != (num_patches,) or np.any(w < 0) or w.sum() <= 0:
+                raise DataError(f"patch weights: expected {num_patches} non-negative weights, not all 0")
+            if np.any(w != w[0]):  # equal weights: the exact permutation pass below
+                self.probabilities = w / w.sum()
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -357,8 +401,12 @@ class EpochSampler(Sampler):
         self.epoch = int(epoch)
 
     def order(self) -> np.ndarray:
-        """The epoch's patch order for all ranks (permutations appended until long enough)."""
+        """The epoch's patch order for all ranks (permutations appended until long enough;
+        weighted draws with replacement when the weights differ)."""
         needed = self.draws_per_rank * self.world_size
+        if self.probabilities is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, 2**31 - 1])
+            return rng.choice(self.num_patches, size=needed, replace=True, p=self.probabilities)
         parts, cycle = [], 0
         while sum(len(p) for p in parts) < needed:
             rng = np.random.default_rng([self.seed, self.epoch, cycle])
@@ -378,6 +426,17 @@ class EpochSampler(Sampler):
 # --- augmentation ---------------------------------------------------------------------------
 
 
+#: Amounts of the EM augmentations (voxels unless said otherwise).
+EM_AUGMENTATION = {
+    "missing_sections": (1, 2),  # sections replaced per affected patch
+    "misalignment_max_frac": 0.08,  # max in-plane shift, fraction of the patch's y/x size
+    "blur_sigma": (0.5, 1.5),  # in-plane Gaussian sigma
+    "blur_sections": (1, 3),  # sections blurred (or the whole patch, half of the time)
+    "elastic_max_displacement": 3.0,  # voxels, in-plane
+    "elastic_grid": 4,  # control points per y/x axis of the smooth displacement field
+}
+
+
 class Augmenter:
     """Random augmentation of one (image, label) patch, (z, y, x).
 
@@ -389,11 +448,40 @@ class Augmenter:
     (``RandScaleIntensity``, ±10 %), intensity shift (``RandShiftIntensity``, ±0.1) and
     Gaussian noise (``RandGaussianNoise``, std 0.05) - amounts relative to the normalised
     intensity range.
+
+    EM defects, each applied to a patch with its own probability (amounts in
+    :data:`EM_AUGMENTATION`), in this order:
+
+    * ``elastic``: a smooth in-plane displacement field (cubic interpolation of random
+      displacements on a coarse grid, up to 3 voxels), image linear, label nearest;
+    * ``misalignment``: from a random section on, the sections are shifted in-plane by up
+      to 8 % of the patch (half of the time only that one section: a "slip"), image and
+      label alike, the border repeated;
+    * ``blur``: an in-plane Gaussian blur of 1-3 sections (half of the time the whole
+      patch), image only;
+    * ``missing_section``: 1-2 sections replaced by the patch's mean grey value, image
+      only (the label keeps what is there: the model learns to bridge a lost section).
+
+    A probability of 0 draws no random number, so enabling nothing keeps the random
+    stream of older versions.
     """
 
-    def __init__(self, rotation: bool, contrast: bool) -> None:
+    def __init__(
+        self,
+        rotation: bool,
+        contrast: bool,
+        *,
+        missing_section: float = 0.0,
+        misalignment: float = 0.0,
+        blur: float = 0.0,
+        elastic: float = 0.0,
+    ) -> None:
         self.rotation = rotation
         self.contrast = contrast
+        self.missing_section = float(missing_section)
+        self.misalignment = float(misalignment)
+        self.blur = float(blur)
+        self.elastic = float(elastic)
         self._intensity: list[Any] = []
         if contrast:
             from monai.transforms import (
@@ -423,6 +511,10 @@ class Augmenter:
                 label = np.flip(label, flips)
         image = np.ascontiguousarray(image, dtype=np.float32)
         label = np.ascontiguousarray(label)
+        if self.elastic and rng.random() < self.elastic:
+            image, label = elastic_deform(image, label, rng)
+        if self.misalignment and rng.random() < self.misalignment:
+            image, label = misalign_sections(image, label, rng)
         if self._intensity:
             from monai.utils import convert_to_numpy
 
@@ -433,7 +525,81 @@ class Augmenter:
                 t.set_random_state(seed=int(rng.integers(2**31)))
                 x = t(x)
             image = np.ascontiguousarray(convert_to_numpy(x)[0], dtype=np.float32)
+        if self.blur and rng.random() < self.blur:
+            image = blur_sections(image, rng)
+        if self.missing_section and rng.random() < self.missing_section:
+            image = drop_sections(image, rng)
         return image, label
+
+
+def _pick_sections(depth: int, count: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    k = min(depth, int(rng.integers(count[0], count[1] + 1)))
+    return np.sort(rng.choice(depth, size=k, replace=False))
+
+
+def drop_sections(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """1-2 z sections of ``image`` (z, y, x) replaced by its mean value (a copy)."""
+    out = np.array(image, dtype=np.float32, copy=True)
+    out[_pick_sections(out.shape[0], EM_AUGMENTATION["missing_sections"], rng)] = float(out.mean())
+    return out
+
+
+def blur_sections(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """In-plane Gaussian blur of a few z sections, or of all of them (a copy)."""
+    from scipy.ndimage import gaussian_filter
+
+    out = np.array(image, dtype=np.float32, copy=True)
+    lo, hi = EM_AUGMENTATION["blur_sigma"]
+    sigma = float(rng.uniform(lo, hi))
+    if rng.random() < 0.5:
+        return gaussian_filter(out, sigma=(0.0, sigma, sigma), mode="reflect").astype(np.float32)
+    for z in _pick_sections(out.shape[0], EM_AUGMENTATION["blur_sections"], rng):
+        out[z] = gaussian_filter(out[z], sigma=sigma, mode="reflect")
+    return out
+
+
+def _shift2d(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Shift the last two axes by (dy, dx) voxels, repeating the border (same shape)."""
+    py, px = abs(dy), abs(dx)
+    pad = [(0, 0)] * (a.ndim - 2) + [(py, py), (px, px)]
+    padded = np.pad(a, pad, mode="edge")
+    y0, x0 = py - dy, px - dx
+    return padded[..., y0 : y0 + a.shape[-2], x0 : x0 + a.shape[-1]]
+
+
+def misalign_sections(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Shift the sections from a random z on (or that one section) in-plane; image and label alike."""
+    depth, height, width = image.shape
+    if depth < 2:
+        return image, label
+    limit = max(1, round(EM_AUGMENTATION["misalignment_max_frac"] * min(height, width)))
+    z0 = int(rng.integers(1, depth))
+    dy, dx = (int(v) for v in rng.integers(-limit, limit + 1, size=2))
+    stop = z0 + 1 if rng.random() < 0.5 else depth
+    image, label = image.copy(), label.copy()
+    image[z0:stop] = _shift2d(image[z0:stop], dy, dx)
+    label[z0:stop] = _shift2d(label[z0:stop], dy, dx)
+    return image, label
+
+
+def elastic_deform(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth random in-plane displacement (the same for image and label)."""
+    from scipy.ndimage import map_coordinates, zoom
+
+    shape = image.shape
+    grid = EM_AUGMENTATION["elastic_grid"]
+    amount = EM_AUGMENTATION["elastic_max_displacement"]
+    coarse_z = max(2, shape[0] // 8)
+    fields = []
+    for _ in range(2):  # dy, dx
+        coarse = rng.uniform(-amount, amount, size=(coarse_z, grid, grid))
+        fine = zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=3, mode="nearest", grid_mode=True)
+        fields.append(fine[: shape[0], : shape[1], : shape[2]])
+    zz, yy, xx = np.meshgrid(*(np.arange(s, dtype=np.float32) for s in shape), indexing="ij")
+    coords = np.stack([zz, yy + fields[0], xx + fields[1]])
+    warped = map_coordinates(image, coords, order=1, mode="reflect").astype(np.float32)
+    warped_label = map_coordinates(label, coords, order=0, mode="reflect").astype(label.dtype)
+    return warped, warped_label
 
 
 # --- the dataset ----------------------------------------------------------------------------

@@ -56,6 +56,35 @@ def _write_config(url: str, data: dict[str, Any]) -> str:
     return url
 
 
+def train_config_data(settings: DemoSettings, train_url: str, test_url: str, runs_dir: str) -> dict[str, Any]:
+    """The demo's training config (also what ``bench/train_quality.py`` trains)."""
+    return {
+        "exp_name": "demo",
+        "runs_dir": runs_dir,
+        "train_zarr_dirs": [train_url],
+        "test_zarr_dirs": [test_url],
+        "label_type": "mito",
+        "model_type": settings.model_type,
+        "model_params": settings.model_params,
+        "patch_size": [32, 32, 32],
+        "stride": [16, 16, 16],
+        "batch_size": 2,
+        "epochs": settings.epochs,
+        "steps_per_epoch": settings.steps_per_epoch,
+        "eval_interval": 20,
+        "ckpt_interval": settings.epochs,
+        "hotstart": True,
+        "learning_rate": 3e-3,
+        "learning_rate_after_hotstart_50": 3e-4,
+        "loss_type": "DiceCE",
+        "rotation_augs": True,
+        # Both synthetic volumes share one acquisition model; contrast augmentation is for
+        # real data and would slow convergence within a few hundred steps.
+        "contrast_augs": False,
+        "seed": settings.seed,
+    }
+
+
 def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo; returns a summary with metrics, timings and where every output is."""
     from catena_mito.config import LabelConfig, PredictConfig, TrainConfig, load_config
@@ -86,31 +115,10 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
 
     t0 = time.perf_counter()
     step("train")
-    train_cfg_url = _write_config(storage.join_url(configs, "train.yaml"), {
-        "exp_name": "demo",
-        "runs_dir": storage.join_url(out, "runs"),
-        "train_zarr_dirs": [train_url],
-        "test_zarr_dirs": [test_url],
-        "label_type": "mito",
-        "model_type": settings.model_type,
-        "model_params": settings.model_params,
-        "patch_size": [32, 32, 32],
-        "stride": [16, 16, 16],
-        "batch_size": 2,
-        "epochs": settings.epochs,
-        "steps_per_epoch": settings.steps_per_epoch,
-        "eval_interval": 20,
-        "ckpt_interval": settings.epochs,
-        "hotstart": True,
-        "learning_rate": 3e-3,
-        "learning_rate_after_hotstart_50": 3e-4,
-        "loss_type": "DiceCE",
-        "rotation_augs": True,
-        # Both synthetic volumes share one acquisition model; contrast augmentation is for
-        # real data and would slow convergence within a few hundred steps.
-        "contrast_augs": False,
-        "seed": settings.seed,
-    })
+    train_cfg_url = _write_config(
+        storage.join_url(configs, "train.yaml"),
+        train_config_data(settings, train_url, test_url, storage.join_url(out, "runs")),
+    )
     result = train(load_config(TrainConfig, train_cfg_url))
     timings["train"] = time.perf_counter() - t0
     checkpoint = storage.join_url(result.run_url, "best.pth")

@@ -14,18 +14,29 @@ Epochs, steps, learning rate
 ----------------------------
 An *epoch* is one pass over the (balanced, subsampled) patch list, in a fresh order, split
 between DDP ranks; ``steps_per_epoch`` (beyond the design) fixes the number of
-optimisation steps per epoch instead. Adam runs at ``learning_rate``; with ``hotstart``
-the first :data:`HOTSTART_EPOCHS` (50) epochs use ``learning_rate`` and every later epoch
-``learning_rate_after_hotstart_50`` (without ``hotstart`` the second rate is unused). The
-loss is MONAI's ``DiceLoss`` or ``DiceCELoss`` on the softmax of the logits with one-hot
-targets; ``loss_weights`` (one per class, ``[background, foreground]``) weight both the
-Dice terms and, for ``DiceCE``, the cross-entropy.
+optimisation steps per epoch instead. Adam runs at ``learning_rate`` (AdamW, decoupled
+decay, with ``weight_decay`` > 0). ``lr_schedule: step`` (default): with ``hotstart`` the
+first :data:`HOTSTART_EPOCHS` (50) epochs use ``learning_rate`` and every later epoch
+``learning_rate_after_hotstart_50`` (without ``hotstart`` the second rate is unused).
+``poly``/``cosine``: ``warmup_steps`` of linear warm-up, then a per-step decay to 0 at the
+last step (:func:`lr_factor_at_step`).
+
+Loss (:class:`SegmentationLoss`): ``DiceCE`` = foreground Dice pooled over the batch
+(nnU-Net's batch Dice; MONAI ``DiceLoss`` with ``include_background=False, batch=True``)
++ cross-entropy weighted by ``loss_weights``; ``DiceLoss`` = the Dice term alone.
+``loss_weights: 5.0`` is Catena's foreground factor (``[1, 5]``); a list gives one weight
+per class. ``dice_include_background``/``dice_batch`` bring back MONAI's defaults (every
+class, per patch), under which an all-background patch predicted right still costs about
+0.5.
 
 Validation (``test_zarr_dirs``) runs every ``eval_interval`` epochs and after the last, on
 whole volumes, through :func:`catena_mito.inference.sliding_window_predict` - the code
 path ``predict`` uses - with the training patch size as window and half of it as step
-(predict's defaults), thresholded at 0.5. Without validation data there is no
-``best.pth``.
+(predict's defaults), thresholded at 0.5: foreground Dice and IoU and, when the labels are
+instance ids (``label_type: mito``, not a binary mask), the instance F1 at IoU 0.5 of the
+connected components (26-connected, those under ``val_min_instance_size`` voxels removed;
+``label``'s connected-components mode) against the ground-truth ids. Without validation
+data there is no ``best.pth``.
 
 Training on your own data
 -------------------------
@@ -43,7 +54,10 @@ Training on your own data
   work at; ``predict`` reads it (and ``clahe``, the architecture, the patch size) from the
   checkpoint.
 * GPU: ``num_workers: 2-4`` keeps augmentation off the training step; ``amp: true`` uses
-  bf16. CPU: ``batch_size >= 2``.
+  bf16 (fp16 with gradient scaling on GPUs without bf16). CPU: ``batch_size >= 2``.
+* Serial-section data: ``model_type: rs_unet`` with ``model_params: {variant: xie}`` and
+  a thin window (e.g. 18 × 160 × 160); EM defects can be simulated by
+  ``missing_section_prob``, ``misalignment_prob``, ``blur_prob`` and ``elastic_prob``.
 
 Checkpoints and resuming
 ------------------------
@@ -63,14 +77,22 @@ the new data (they are buffers, not parameters).
 Devices
 -------
 ``device: auto`` uses CUDA when available. With ``amp`` on a CUDA device that supports
-bf16, forward passes run under bf16 autocast (no loss scaling needed); the loss is
-computed in float32. Multi-GPU data parallel::
+bf16, forward passes run under bf16 autocast (no loss scaling needed); on an older GPU
+under fp16 autocast with a ``torch.amp.GradScaler`` (its state is saved in the
+checkpoint); the loss is computed in float32. On CPU ``amp`` does nothing (logged).
+Multi-GPU data parallel::
 
     torchrun --nproc_per_node=K -m catena_mito train --config train.yaml
 
 initialises a process group when ``WORLD_SIZE > 1`` (NCCL on CUDA, Gloo on CPU), gives
 each rank its share of every epoch's patches (``batch_size`` is per rank), and lets only
-rank 0 validate and write. Batch-norm running statistics are averaged over the ranks after
+rank 0 write. The weights start identical (every rank seeds ``seed`` before building the
+model, and DDP broadcasts rank 0's); dropout is seeded per ``(seed, rank, epoch)``, so the
+ranks draw different masks (augmentation already differs: it depends on the global draw
+index). The logged ``train_loss`` is the mean over all ranks' steps (``train_loss_ranks``
+holds each rank's). Validation is sharded: rank ``r`` predicts ``test_zarr_dirs[r::K]``
+and the confusion and instance counts are pooled over the ranks (with fewer volumes than
+ranks some ranks wait). Batch-norm running statistics are averaged over the ranks after
 every epoch. At the end the ranks compare checksums of their weights (state dict) and the
 result is logged to ``metrics.jsonl``; diverged replicas are an error. On CPU use
 ``batch_size >= 2``: a batch of one 3-D patch is several times slower per patch.
@@ -83,6 +105,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -167,44 +190,173 @@ def learning_rate_at(config: TrainConfig, epoch: int) -> float:
     return config.learning_rate
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-epoch schedule (step it once after each epoch) following :func:`learning_rate_at`."""
-    base = config.learning_rate
+def lr_factor_at_step(config: TrainConfig, step: int, total_steps: int) -> float:
+    """``poly``/``cosine``: the learning-rate factor of (0-based) optimisation ``step``.
 
-    def factor(epoch: int) -> float:
-        return learning_rate_at(config, epoch) / base
+    Linear warm-up over ``warmup_steps`` (factor ``(step + 1) / warmup_steps``), then a decay
+    from 1 at the end of warm-up to 0 after the last step: ``(1 - t)^0.9`` (poly, nnU-Net)
+    or ``(1 + cos(pi t)) / 2`` (cosine), ``t`` = fraction of the decay steps done.
+    """
+    warmup = config.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    decay = max(total_steps - warmup, 1)
+    t = min(max((step - warmup) / decay, 0.0), 1.0)
+    if config.lr_schedule == "poly":
+        return (1.0 - t) ** 0.9
+    if config.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    raise ConfigError(f"lr_schedule: expected step, poly or cosine, got {config.lr_schedule!r}")
+
+
+def scheduler_steps_per_batch(config: TrainConfig) -> bool:
+    """True when the schedule advances every optimisation step (poly, cosine), False when
+    it advances once per epoch (step)."""
+    return config.lr_schedule != "step"
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int = 1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of ``config``.
+
+    ``step``: a per-epoch schedule (step it once after each epoch) following
+    :func:`learning_rate_at`. ``poly``/``cosine``: a per-step schedule (step it after every
+    optimisation step) following :func:`lr_factor_at_step` over ``epochs * steps_per_epoch``.
+    """
+    base = config.learning_rate
+    if not scheduler_steps_per_batch(config):
+        def factor(epoch: int) -> float:
+            return learning_rate_at(config, epoch) / base
+    else:
+        total = config.epochs * steps_per_epoch
+
+        def factor(step: int) -> float:
+            return lr_factor_at_step(config, step, total)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_loss(loss_type: str, loss_weights: Sequence[float] | None, num_classes: int) -> nn.Module:
-    """MONAI ``DiceLoss`` or ``DiceCELoss`` (softmax over logits, one-hot targets).
+def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam at ``learning_rate``; AdamW (decoupled decay) when ``weight_decay`` > 0."""
+    if config.weight_decay > 0:
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.learning_rate)
+
+
+class SegmentationLoss(nn.Module):
+    """Dice (+ weighted cross-entropy) on ``(N, C, z, y, x)`` logits and ``(N, 1, z, y, x)``
+    integer targets.
+
+    * Dice: MONAI ``DiceLoss`` on the softmax with one-hot targets; by default over the
+      foreground classes only (``include_background=False``) and with the counts pooled
+      over the whole batch (``batch=True``, nnU-Net's batch Dice), so a confidently correct
+      all-background patch costs nothing instead of 0.5.
+    * Cross-entropy (``DiceCE``): ``torch.nn.functional.cross_entropy`` with the class
+      weights (a weighted mean over voxels).
+
+    ``class_weights`` weight the cross-entropy, and the per-class Dice terms when the
+    background is included (with one foreground class there is nothing to weight in a
+    foreground-only Dice).
+    """
+
+    def __init__(
+        self,
+        loss_type: str,
+        class_weights: torch.Tensor | None,
+        *,
+        include_background: bool = False,
+        batch: bool = True,
+    ) -> None:
+        from monai.losses import DiceLoss
+
+        super().__init__()
+        self.loss_type = loss_type
+        self.dice = DiceLoss(
+            include_background=include_background, to_onehot_y=True, softmax=True, batch=batch,
+            weight=class_weights if include_background else None,
+        )
+        self.register_buffer("class_weights", class_weights)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.dice(logits, target)
+        if self.loss_type == "DiceCE":
+            loss = loss + nn.functional.cross_entropy(logits, target[:, 0].long(), weight=self.class_weights)
+        return loss
+
+
+def class_weights(loss_weights: float | Sequence[float] | None, num_classes: int) -> list[float] | None:
+    """``loss_weights`` as one weight per class: a number ``w`` is the foreground factor
+    (``[1, w]``, every non-background class ``w``), a list is taken as it is.
 
     Raises:
-        ConfigError: unknown ``loss_type``, or ``loss_weights`` not one per class.
+        ConfigError: a list that does not have one value per class.
     """
-    from monai.losses import DiceCELoss, DiceLoss
-
-    weight = None
-    if loss_weights is not None:
-        if len(loss_weights) != num_classes:
-            raise ConfigError(
-                f"loss_weights: expected {num_classes} values (one per class: background, "
-                f"foreground), got {list(loss_weights)}"
-            )
-        weight = torch.tensor([float(w) for w in loss_weights], dtype=torch.float32)
-    if loss_type == "DiceLoss":
-        return DiceLoss(to_onehot_y=True, softmax=True, weight=weight)
-    if loss_type == "DiceCE":
-        return DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
-    raise ConfigError(f"loss_type: expected 'DiceLoss' or 'DiceCE', got {loss_type!r}")
+    if loss_weights is None:
+        return None
+    if isinstance(loss_weights, (int, float)) and not isinstance(loss_weights, bool):
+        return [1.0] + [float(loss_weights)] * (num_classes - 1)
+    weights = [float(w) for w in loss_weights]
+    if len(weights) != num_classes:
+        raise ConfigError(
+            f"loss_weights: expected one number (the foreground factor) or {num_classes} values "
+            f"(one per class: background, foreground), got {list(loss_weights)}"
+        )
+    return weights
 
 
-def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a CUDA device that supports it when ``amp``; otherwise nothing."""
-    if amp and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def build_loss(
+    loss_type: str,
+    loss_weights: float | Sequence[float] | None,
+    num_classes: int,
+    *,
+    include_background: bool = False,
+    batch: bool = True,
+) -> nn.Module:
+    """The training loss of ``loss_type`` (``DiceCE`` or ``DiceLoss``): :class:`SegmentationLoss`.
+
+    Raises:
+        ConfigError: unknown ``loss_type``, ``loss_weights`` not one per class, or class
+        weights that would have nothing to weight (``DiceLoss`` with a foreground-only Dice).
+    """
+    if loss_type not in ("DiceLoss", "DiceCE"):
+        raise ConfigError(f"loss_type: expected 'DiceLoss' or 'DiceCE', got {loss_type!r}")
+    weights = class_weights(loss_weights, num_classes)
+    if weights is not None and loss_type == "DiceLoss" and not include_background:
+        raise ConfigError(
+            "loss_weights: with loss_type DiceLoss and a foreground-only Dice there is no class to "
+            "weight; use loss_type DiceCE (weighted cross-entropy) or dice_include_background: true"
+        )
+    tensor = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
+    return SegmentationLoss(loss_type, tensor, include_background=include_background, batch=batch)
+
+
+def _bf16_supported() -> bool:
+    """Whether the current CUDA device runs bf16 (a function, so tests can fake it)."""
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The autocast dtype of ``amp`` on ``device``: bf16 on a CUDA device that supports it,
+    fp16 on older CUDA devices (with a GradScaler), None (full float32) on CPU or without amp."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if _bf16_supported() else torch.float16
+
+
+def make_grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 autocast (bf16 has float32's range and needs none), else None."""
+    if dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def autocast(device: torch.device, amp: bool | torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast with :func:`amp_dtype` (or the dtype given); otherwise nothing."""
+    dtype = amp if isinstance(amp, torch.dtype) else amp_dtype(device, bool(amp))
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def train_step(
@@ -214,22 +366,59 @@ def train_step(
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-    amp: bool = False,
+    amp: bool | torch.dtype | None = False,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
-    """One optimisation step on a batch ``(N, 1, z, y, x)``; returns the detached loss."""
+    """One optimisation step on a batch ``(N, 1, z, y, x)``; returns the detached loss.
+
+    ``amp``: True (dtype from :func:`amp_dtype`) or an autocast dtype; ``scaler``: the
+    GradScaler of fp16 autocast (the loss is scaled, the step skipped on inf/NaN gradients).
+    """
     image = image.to(device, non_blocking=True)
     label = label.to(device, non_blocking=True).long()
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, amp):
         logits = model(image)
     loss = loss_fn(logits.float(), label)
-    loss.backward()
-    optimizer.step()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
     return loss.detach()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def instance_f1_counts(prob: np.ndarray, ids: np.ndarray, *, threshold: float = 0.5,
+                       min_size: int = 0, iou: float = 0.5) -> dict[str, int]:
+    """Instance matches of one volume: connected components (26-connected, ``label``'s
+    default) of ``prob > threshold`` without those under ``min_size`` voxels, against the
+    ground-truth ``ids``, one-to-one at IoU >= ``iou``
+    (:func:`catena_mito.instance_metrics.instance_scores`). Returns ``tp``, ``fp``, ``fn``."""
+    from scipy import ndimage
+
+    from catena_mito.instance_metrics import Contingency, instance_scores
+
+    pred, _ = ndimage.label(prob > threshold, structure=np.ones((3, 3, 3), dtype=bool))
+    if min_size > 0 and pred.max() > 0:
+        sizes = np.bincount(pred.ravel())
+        small = sizes < min_size
+        small[0] = False
+        pred[small[pred]] = 0
+    table = Contingency()
+    table.update(ids, pred)
+    at = instance_scores(table.tables(), (iou,))["thresholds"][f"{iou:g}"]
+    return {"tp": int(at["tp"]), "fp": int(at["fp"]), "fn": int(at["fn"])}
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    den = 2 * tp + fp + fn
+    return 1.0 if den == 0 else 2 * tp / den
 
 
 def evaluate(
@@ -240,19 +429,22 @@ def evaluate(
     batch_size: int = 2,
     device: torch.device | str = "cpu",
     amp: bool = False,
+    min_instance_size: int = 0,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Full-volume sliding-window Dice/IoU of ``model`` on ``volumes``.
 
-    Returns the metrics (``val_dice``/``val_iou`` pooled over all volumes, and per volume)
-    and the foreground probability of the first volume, (z, y, x), for the preview.
+    Returns the metrics (``val_dice``/``val_iou`` pooled over all volumes, and per volume;
+    ``val_instance_f1`` pooled over the volumes with instance ids, see
+    :func:`instance_f1_counts`) and the foreground probability of the first volume,
+    (z, y, x), for the preview. Per volume, ``counts`` holds the confusion and instance
+    counts, so results of several processes can be pooled (:func:`pool_metrics`).
     """
     from catena_mito.inference import sliding_window_predict
 
     net = _unwrap(model)
     was_training = net.training
     net.eval()
-    total = ConfusionCounts()
-    per_volume: dict[str, dict[str, float]] = {}
+    per_volume: dict[str, dict[str, Any]] = {}
     first_prob = None
     try:
         for vol in volumes:
@@ -261,13 +453,31 @@ def evaluate(
                 batch_size=batch_size, device=str(device), amp=amp,
             )
             counts = confusion_counts(prob > 0.5, vol.label)
-            total = total + counts
-            per_volume[vol.url] = {"dice": counts.dice, "iou": counts.iou}
+            entry: dict[str, Any] = {"dice": counts.dice, "iou": counts.iou,
+                                     "counts": {"tp": int(counts.tp), "fp": int(counts.fp), "fn": int(counts.fn)}}
+            if vol.ids is not None:
+                inst = instance_f1_counts(prob, vol.ids, min_size=min_instance_size)
+                entry["instance_f1"] = _f1(**inst)
+                entry["counts"]["instances"] = inst
+            per_volume[vol.url] = entry
             if first_prob is None:
                 first_prob = prob
     finally:
         net.train(was_training)
-    return {"val_dice": total.dice, "val_iou": total.iou, "val_volumes": per_volume}, first_prob
+    return pool_metrics(per_volume), first_prob
+
+
+def pool_metrics(per_volume: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Pooled ``val_dice``/``val_iou`` (and ``val_instance_f1``) from per-volume counts."""
+    tp = sum(v["counts"]["tp"] for v in per_volume.values())
+    fp = sum(v["counts"]["fp"] for v in per_volume.values())
+    fn = sum(v["counts"]["fn"] for v in per_volume.values())
+    total = ConfusionCounts(tp=tp, fp=fp, fn=fn)
+    out: dict[str, Any] = {"val_dice": total.dice, "val_iou": total.iou, "val_volumes": per_volume}
+    inst = [v["counts"]["instances"] for v in per_volume.values() if "instances" in v["counts"]]
+    if inst:
+        out["val_instance_f1"] = _f1(*(sum(c[k] for c in inst) for k in ("tp", "fp", "fn")))
+    return out
 
 
 def preview_png(raw: np.ndarray, label: np.ndarray, prob: np.ndarray, min_height: int = 256) -> bytes:
@@ -490,31 +700,45 @@ def train(config: TrainConfig) -> TrainResult:
     _check_fresh_run(config, run_url)
 
     with _distributed(config.device) as (dist_info, device):
-        seed_everything(config.seed)
+        seed_everything(config.seed)  # the same on every rank: identical initial weights
         writer = _RunWriter(run_url, config, active=dist_info.main)
+        dtype = amp_dtype(device, config.amp)
+        if config.amp and dtype is None:
+            log.info("amp: no effect on %s (mixed precision runs on CUDA only); training in float32", device.type)
+        elif dtype is not None:
+            log.info("amp: %s autocast%s", str(dtype).removeprefix("torch."),
+                     " with gradient scaling (this GPU has no bf16)" if dtype == torch.float16 else "")
+        if config.freeze_encoder and not config.model_loc and not config.resume_checkpoint:
+            log.warning("freeze_encoder is set without model_loc: the encoder keeps its *random* initial "
+                        "weights and only the decoder learns; set model_loc to a pre-trained checkpoint")
 
-        # Data: every dataset read once, preprocessed like predict.
+        # Data: every dataset read once, preprocessed like predict. Validation is sharded:
+        # rank r evaluates test_zarr_dirs[r::world_size] (and reads only those).
+        val_urls = list(config.test_zarr_dirs)[dist_info.rank :: dist_info.world_size]
         cache = VolumeCache(
             config.label_type, original_res=config.original_res, target_res=config.target_res,
-            clahe=config.clahe, storage_options=config.storage_options,
+            clahe=config.clahe, storage_options=config.storage_options, keep_ids_for=val_urls,
         )
+        val_volumes = [cache.get(url) for url in val_urls]
         train_volumes = [cache.get(url) for url in config.train_zarr_dirs]
-        val_volumes = [cache.get(url) for url in config.test_zarr_dirs] if dist_info.main else []
         if not config.test_zarr_dirs:
             log.warning("no test_zarr_dirs: no validation, no best.pth")
         patches = plan_patches(
             train_volumes, config.patch_size, config.stride,
             balance_patches=config.balance_patches, min_positive_pixels=config.min_positive_pixels,
+            negative_patch_weight=config.negative_patch_weight,
             subsample_frac=config.subsample_frac, subsample_number=config.subsample_number,
             subsample_seed=config.subsample_seed,
         )
-        dataset = PatchDataset(
-            train_volumes, patches, config.patch_size,
-            Augmenter(config.rotation_augs, config.contrast_augs), seed=config.seed,
+        augmenter = Augmenter(
+            config.rotation_augs, config.contrast_augs, missing_section=config.missing_section_prob,
+            misalignment=config.misalignment_prob, blur=config.blur_prob, elastic=config.elastic_prob,
         )
+        dataset = PatchDataset(train_volumes, patches, config.patch_size, augmenter, seed=config.seed)
         sampler = EpochSampler(
             len(patches), seed=config.seed, rank=dist_info.rank, world_size=dist_info.world_size,
             draws_per_rank=config.steps_per_epoch * config.batch_size if config.steps_per_epoch else None,
+            weights=[p.weight for p in patches],
         )
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=config.batch_size, sampler=sampler,
@@ -540,9 +764,13 @@ def train(config: TrainConfig) -> TrainResult:
         if config.freeze_encoder:
             freeze_encoder(model, config.model_type)
         model.to(device)
-        loss_fn = build_loss(config.loss_type, config.loss_weights, _num_classes(config)).to(device)
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
-        scheduler = make_scheduler(optimizer, config)
+        loss_fn = build_loss(
+            config.loss_type, config.loss_weights, _num_classes(config),
+            include_background=config.dice_include_background, batch=config.dice_batch,
+        ).to(device)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+        scheduler = make_scheduler(optimizer, config, len(loader))
+        scaler = make_grad_scaler(device, dtype)
         start_epoch, best = 0, None
         if resume is not None:
             try:
@@ -552,8 +780,10 @@ def train(config: TrainConfig) -> TrainResult:
                 raise CheckpointError(
                     f"resume_checkpoint: {storage.redact_url(config.resume_checkpoint or '')}: "
                     f"optimizer/scheduler state does not fit this config ({e}); was "
-                    "freeze_encoder or the model changed?"
+                    "freeze_encoder, weight_decay or the model changed?"
                 ) from e
+            if scaler is not None and resume.get("grad_scaler"):
+                scaler.load_state_dict(resume["grad_scaler"])
             start_epoch, best = int(resume["epoch"]), resume["best_metric"]
             writer.load_history(start_epoch)
             log.info("resuming after epoch %d (best metric %s)", start_epoch, best)
@@ -572,7 +802,7 @@ def train(config: TrainConfig) -> TrainResult:
 
         result = _loop(
             config, model, loader, sampler, loss_fn, optimizer, scheduler, device,
-            dist_info, writer, val_volumes, start_epoch, best,
+            dist_info, writer, val_volumes, start_epoch, best, scaler,
         )
         if dist_info.enabled:
             _check_replicas(model, dist_info, writer)
@@ -599,6 +829,7 @@ def _loop(
     val_volumes: Sequence[TrainingVolume],
     start_epoch: int,
     best: float | None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> TrainResult:
     from tqdm import tqdm
 
@@ -613,46 +844,63 @@ def _loop(
     )
     model.train()
     completed = start_epoch
+    dtype = amp_dtype(device, config.amp)
+    per_step = scheduler_steps_per_batch(config)
     try:
         for epoch in range(start_epoch, config.epochs):
             sampler.set_epoch(epoch)
+            # Dropout (the global torch generator) is seeded per (seed, rank, epoch): the
+            # ranks draw different masks, and a resumed run draws what the straight one did.
+            torch.manual_seed(epoch_seed(config.seed, dist_info.rank, epoch))
             lr = optimizer.param_groups[0]["lr"]
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             steps = 0
             for image, label in loader:
-                loss_sum += train_step(model, image, label, loss_fn, optimizer, device, config.amp)
+                loss_sum += train_step(model, image, label, loss_fn, optimizer, device, dtype, scaler)
                 steps += 1
+                if per_step:
+                    scheduler.step()
                 progress.update(1)
                 if steps % 10 == 0:
                     progress.set_postfix(epoch=epoch + 1, loss=f"{loss_sum.item() / steps:.4f}")
-            scheduler.step()
-            if dist_info.enabled:
-                _average_buffers(model, dist_info)
+            if not per_step:
+                scheduler.step()
             done = completed = epoch + 1
             record: dict[str, Any] = {
                 "epoch": done, "train_loss": loss_sum.item() / max(steps, 1), "lr": lr,
                 "steps": steps, "time_s": round(time.perf_counter() - started, 3),
             }
-            evaluate_now = bool(val_volumes) and (done % config.eval_interval == 0 or done == config.epochs)
+            if dist_info.enabled:
+                _average_buffers(model, dist_info)
+                # The logged loss is the mean over every rank's steps, not rank 0's alone.
+                ranks = _gather_losses(loss_sum, steps, device, dist_info)
+                record["train_loss"] = sum(total for total, _ in ranks) / max(sum(n for _, n in ranks), 1)
+                record["train_loss_ranks"] = [total / max(n, 1) for total, n in ranks]
+            evaluate_now = bool(config.test_zarr_dirs) and (done % config.eval_interval == 0 or done == config.epochs)
             improved = False
-            if dist_info.main and evaluate_now:
+            if evaluate_now:
                 metrics, prob = evaluate(
                     model, val_volumes, config.patch_size, batch_size=config.batch_size,
-                    device=device, amp=config.amp,
+                    device=device, amp=config.amp, min_instance_size=config.val_min_instance_size,
                 )
+                if dist_info.enabled:
+                    metrics = _gather_metrics(metrics, config.test_zarr_dirs, dist_info)
                 record.update(metrics)
                 improved = best is None or metrics["val_iou"] > best
                 if improved:
                     best = metrics["val_iou"]
-                z = _preview_slice(val_volumes[0])
-                writer.save_preview(done, preview_png(val_volumes[0].raw[z], val_volumes[0].label[z], prob[z]))
-                progress.write(
-                    f"epoch {done}: loss {record['train_loss']:.4f}, val dice "
-                    f"{metrics['val_dice']:.4f}, val IoU {metrics['val_iou']:.4f}",
-                    file=sys.stderr,
-                )
-            dist_info.barrier()  # other ranks wait for rank 0's validation
+                if dist_info.main and val_volumes and prob is not None:
+                    # Rank 0 validates test_zarr_dirs[0]: the preview is of that volume.
+                    z = _preview_slice(val_volumes[0])
+                    writer.save_preview(done, preview_png(val_volumes[0].raw[z], val_volumes[0].label[z], prob[z]))
+                inst = f", val instance F1 {metrics['val_instance_f1']:.4f}" if "val_instance_f1" in metrics else ""
+                if dist_info.main:
+                    progress.write(
+                        f"epoch {done}: loss {record['train_loss']:.4f}, val dice "
+                        f"{metrics['val_dice']:.4f}, val IoU {metrics['val_iou']:.4f}{inst}",
+                        file=sys.stderr,
+                    )
             record["best_val_iou"] = best
             writer.log_metrics(record)
             if dist_info.main:
@@ -661,18 +909,51 @@ def _loop(
                     epoch=done, best_metric=best, config=config.redacted_dict(),
                     rng=capture_rng_state(),
                 )
+                if scaler is not None:
+                    payload["grad_scaler"] = scaler.state_dict()
                 names = ["last.pth"]
                 if improved:
                     names.append("best.pth")
                 if done % config.ckpt_interval == 0:
                     names.append(f"epoch_{done:04d}.pth")
                 writer.save_checkpoint(names, payload)
+            dist_info.barrier()  # no rank starts the next epoch before the checkpoint exists
     finally:
         progress.close()
     return TrainResult(
         run_url=writer.run_url, epochs_completed=completed, best_metric=best,
         history=list(writer.history),
     )
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The torch seed of one rank's epoch (dropout): a hash of ``(seed, rank, epoch)``."""
+    return int(np.random.SeedSequence([seed % 2**32, rank, epoch]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+def _gather_losses(loss_sum: torch.Tensor, steps: int, device: torch.device, dist_info: _Dist) -> list[tuple[float, int]]:
+    """Every rank's (summed loss, steps) of the epoch, all_gather'ed (rank order)."""
+    import torch.distributed as dist
+
+    mine = torch.stack([loss_sum.detach().double(), torch.tensor(float(steps), device=device, dtype=torch.float64)])
+    gathered = [torch.zeros_like(mine) for _ in range(dist_info.world_size)]
+    dist.all_gather(gathered, mine)
+    return [(float(t[0]), int(t[1])) for t in gathered]
+
+
+def _gather_metrics(metrics: dict[str, Any], urls: Sequence[str], dist_info: _Dist) -> dict[str, Any]:
+    """Pool the validation of every rank (each evaluated its shard of ``urls``)."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist_info.world_size
+    dist.all_gather_object(gathered, metrics["val_volumes"])
+    per_volume: dict[str, dict[str, Any]] = {}
+    for rank, volumes in enumerate(gathered):
+        for url, entry in volumes.items():
+            per_volume[url] = {**entry, "rank": rank}
+    order = {storage.redact_url(u): i for i, u in enumerate(urls)}
+    per_volume = dict(sorted(per_volume.items(), key=lambda kv: order.get(kv[0], len(order))))
+    return pool_metrics(per_volume)
 
 
 def _average_buffers(model: nn.Module, dist_info: _Dist) -> None:

@@ -273,3 +273,69 @@ def test_read_whole_is_the_only_reader(monkeypatch, tmp_path):
     url = _write_dataset(str(tmp_path / "c.zarr"), np.zeros((8, 8, 8), np.uint8), np.zeros((8, 8, 8), np.uint32))
     VolumeCache("mito").get(url)
     assert len(calls) == 2
+
+
+# --- balance with negatives kept, EM augmentations -------------------------------------------
+
+
+def test_balance_keeps_negative_patches_at_their_weight():
+    label = np.zeros((32, 32, 32), np.uint8)
+    label[:8, :8, :8] = 1
+    vols = [_volume((32, 32, 32), label), _volume((32, 32, 32))]
+    refs = plan_patches(vols, 16, 8, balance_patches=True, min_positive_pixels=100, negative_patch_weight=0.25)
+    assert len(refs) == 54  # nothing dropped
+    positive = [r for r in refs if r.weight == 1.0]
+    assert [(r.volume, r.start) for r in positive] == [(0, (0, 0, 0))]
+    assert all(r.weight == 0.25 for r in refs if r not in positive)
+    # weighted draws: the positive patch gets 1 / (1 + 53 · 0.25) of them
+    sampler = EpochSampler(len(refs), seed=0, draws_per_rank=20_000, weights=[r.weight for r in refs])
+    sampler.set_epoch(0)
+    drawn = np.array([k[2] for k in sampler])
+    share = np.mean(drawn == refs.index(positive[0]))
+    assert share == pytest.approx(1 / (1 + 53 * 0.25), rel=0.1)
+    first = [k for k in sampler]
+    assert [k for k in sampler] == first  # reproducible from (seed, epoch)
+    sampler.set_epoch(1)
+    assert [k for k in sampler] != first
+    # equal weights keep the exact one-pass permutation
+    flat = EpochSampler(5, seed=0, weights=[1.0] * 5)
+    flat.set_epoch(0)
+    assert sorted(k[2] for k in flat) == list(range(5))
+
+
+def _patch() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    image = rng.random((8, 24, 24)).astype(np.float32)
+    label = np.zeros((8, 24, 24), np.uint8)
+    label[:, 6:14, 6:14] = 1
+    return image, label
+
+
+@pytest.mark.parametrize("name", ["missing_section", "misalignment", "blur", "elastic"])
+def test_em_augmentations(name):
+    image, label = _patch()
+    aug = Augmenter(False, False, **{name: 1.0})
+    out, lab = aug(image, label, np.random.default_rng(3))
+    again = aug(image, label, np.random.default_rng(3))
+    np.testing.assert_array_equal(out, again[0])  # reproducible from the draw's generator
+    assert out.shape == image.shape and out.dtype == np.float32 and lab.dtype == np.uint8
+    assert not np.array_equal(out, image)
+    if name in ("missing_section", "blur"):
+        np.testing.assert_array_equal(lab, label)  # image only
+    if name == "missing_section":
+        flat = [z for z in range(8) if np.all(out[z] == out[z].flat[0])]
+        assert 1 <= len(flat) <= 2
+    if name == "misalignment":
+        shifted = [aug(image, label, np.random.default_rng(s))[1] for s in range(10)]
+        assert any(not np.array_equal(s_, label) for s_ in shifted)
+        assert all(set(np.unique(s_)) <= {0, 1} for s_ in shifted)
+    if name == "elastic":
+        assert set(np.unique(lab)) <= {0, 1} and abs(int(lab.sum()) - int(label.sum())) < 0.4 * label.sum()
+        # image and label move together: warp the label as an image
+        warped, warped_label = aug(label.astype(np.float32), label, np.random.default_rng(3))
+        assert np.mean((warped > 0.5) == (warped_label > 0)) > 0.97
+    # probability 0 draws nothing: the random stream of older versions is unchanged
+    rng_a, rng_b = np.random.default_rng(9), np.random.default_rng(9)
+    Augmenter(True, False)(image, label, rng_a)
+    Augmenter(True, False, **{name: 0.0})(image, label, rng_b)
+    assert rng_a.random() == rng_b.random()

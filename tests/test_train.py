@@ -18,7 +18,7 @@ import yaml
 from catena_mito import data, storage
 from catena_mito import train as train_mod
 from catena_mito.checkpoint import load_checkpoint
-from catena_mito.config import TrainConfig
+from catena_mito.config import TrainConfig, config_from_dict
 from catena_mito.errors import CheckpointError, ConfigError
 from catena_mito.models import build_model, encoder_parameter_names
 from catena_mito.synthetic import write_synthetic_dataset
@@ -259,24 +259,66 @@ def test_neuron_to_mito_transfer(tmp_path, datasets):
 # --- loss and schedule ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss_type", ["DiceLoss", "DiceCE"])
-def test_loss_weights_are_honoured(loss_type):
-    from monai.losses import DiceCELoss, DiceLoss
+def test_loss_weights_scalar_is_the_foreground_factor():
+    loss = build_loss("DiceCE", 5.0, 2)
+    assert torch.equal(loss.class_weights, torch.tensor([1.0, 5.0]))
+    assert torch.equal(build_loss("DiceCE", [0.2, 0.8], 2).class_weights, torch.tensor([0.2, 0.8]))
+    assert train_mod.class_weights(5.0, 3) == [1.0, 5.0, 5.0]
+    cfg = TrainConfig(train_zarr_dirs=["x"], loss_weights=5.0)
+    assert cfg.loss_weights == 5.0
+    with pytest.raises(ConfigError, match="loss_weights"):
+        build_loss("DiceCE", [1.0, 1.0, 1.0], 2)
+    with pytest.raises(ConfigError, match="loss_weights"):
+        config_from_dict(TrainConfig, {"train_zarr_dirs": ["x"], "loss_weights": True})
 
-    loss = build_loss(loss_type, [0.2, 0.8], 2)
-    assert isinstance(loss, DiceCELoss if loss_type == "DiceCE" else DiceLoss)
-    weights = loss.dice.class_weight if loss_type == "DiceCE" else loss.class_weight
-    assert torch.allclose(torch.as_tensor(weights, dtype=torch.float32), torch.tensor([0.2, 0.8]))
-    if loss_type == "DiceCE":
-        assert torch.allclose(loss.cross_entropy.weight, torch.tensor([0.2, 0.8]))
+
+def test_weighted_cross_entropy_is_the_weighted_mean():
     torch.manual_seed(0)
     logits = torch.randn(2, 2, 8, 8, 8)
     target = (torch.rand(2, 1, 8, 8, 8) > 0.8).long()
-    weighted = loss(logits, target)
-    plain = build_loss(loss_type, None, 2)(logits, target)
-    assert not torch.isclose(weighted, plain)
-    with pytest.raises(ConfigError, match="loss_weights"):
-        build_loss(loss_type, [1.0, 1.0, 1.0], 2)
+    weighted = build_loss("DiceCE", 5.0, 2)(logits, target)
+    dice = build_loss("DiceLoss", None, 2)(logits, target)
+    ce = torch.nn.functional.cross_entropy(logits, target[:, 0], weight=torch.tensor([1.0, 5.0]))
+    assert torch.isclose(weighted, dice + ce)
+    assert not torch.isclose(weighted, build_loss("DiceCE", None, 2)(logits, target))
+
+
+def test_dice_is_foreground_only_and_pooled_over_the_batch():
+    """An all-background patch predicted right (foreground probability 0.01 everywhere) next
+    to a well-predicted patch with foreground: a per-patch Dice charges the empty patch about
+    1 (MONAI's default: about 0.5 over its two classes); the batch Dice barely notices it."""
+    target = torch.zeros(2, 1, 4, 8, 8, dtype=torch.long)
+    target[0, 0, :2] = 1
+    logits = torch.zeros(2, 2, 4, 8, 8)
+    logits[:, 1] = -4.6  # p(fg) = 0.01 on the background
+    logits[0, 1, :2] = 4.6  # p(fg) = 0.99 on the foreground
+    new = build_loss("DiceLoss", None, 2)(logits, target)
+    per_patch = build_loss("DiceLoss", None, 2, batch=False)(logits, target)
+    monai_default = build_loss("DiceLoss", None, 2, include_background=True, batch=False)(logits, target)
+    assert new < 0.03
+    assert per_patch == pytest.approx(0.5, abs=0.03)  # (0.01 + 1) / 2
+    assert monai_default > 0.25
+    # pooled counts: 2·TP / (sum p + sum g) over the batch
+    p = torch.softmax(logits, 1)[:, 1]
+    g = target[:, 0].float()
+    assert new == pytest.approx(float(1 - (2 * (p * g).sum() + 1e-5) / (p.sum() + g.sum() + 1e-5)), abs=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["DiceLoss", "DiceCE"])
+@pytest.mark.parametrize("weights", [None, 5.0, [1.0, 3.0]])
+def test_every_loss_type_trains(loss_type, weights):
+    model = build_model("rs_unet", **TINY["rs_unet"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    image = torch.rand(2, 1, 16, 16, 16)
+    label = (image > 0.7).to(torch.uint8)
+    if loss_type == "DiceLoss" and weights is not None:
+        with pytest.raises(ConfigError, match="no class to weight"):
+            build_loss(loss_type, weights, 2)
+        loss_fn = build_loss(loss_type, weights, 2, include_background=True)
+    else:
+        loss_fn = build_loss(loss_type, weights, 2)
+    loss = train_step(model, image, label, loss_fn, optimizer, torch.device("cpu"))
+    assert torch.isfinite(loss)
 
 
 def test_loss_type_changes_the_training(tmp_path, datasets):
@@ -315,6 +357,111 @@ def test_steps_per_epoch(tmp_path, datasets):
     assert train(cfg).history[-1]["steps"] == 3
 
 
+def test_poly_and_cosine_schedules_with_warmup():
+    for schedule in ("poly", "cosine"):
+        cfg = TrainConfig(train_zarr_dirs=["x"], lr_schedule=schedule, warmup_steps=4, epochs=2, learning_rate=1e-2)
+        optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+        scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=12)  # 24 steps
+        seen = []
+        for _ in range(24):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert seen[:4] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])  # linear warm-up
+        assert seen[4] == pytest.approx(1e-2)  # decay starts from the peak
+        assert all(a > b for a, b in zip(seen[4:], seen[5:]))  # then decays every step
+        assert seen[-1] < 1.5e-3 and optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+        mid = train_mod.lr_factor_at_step(cfg, 4 + 10, 24)
+        assert mid == pytest.approx(0.5 ** 0.9 if schedule == "poly" else 0.5)
+    with pytest.raises(ConfigError, match="hotstart"):
+        config_from_dict(TrainConfig, {"train_zarr_dirs": ["x"], "lr_schedule": "cosine", "hotstart": True})
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        config_from_dict(TrainConfig, {"train_zarr_dirs": ["x"], "warmup_steps": 3})
+
+
+def test_cosine_schedule_and_weight_decay_in_a_run(tmp_path, datasets):
+    cfg = tiny_config(tmp_path, datasets, epochs=2, test_zarr_dirs=[], steps_per_epoch=3,
+                      lr_schedule="cosine", warmup_steps=2, weight_decay=0.01)
+    history = train(cfg).history
+    assert [r["lr"] for r in history] == pytest.approx([0.5e-3, 0.5e-3 * (1 + np.cos(np.pi * 1 / 4))])
+    ckpt = load_checkpoint(str(run_dir(cfg) / "last.pth"))
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.01
+    assert ckpt["scheduler"]["last_epoch"] == 6  # stepped per optimisation step
+    optimizer = train_mod.make_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    plain = train_mod.make_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg.model_copy(update={"weight_decay": 0.0}))
+    assert type(plain) is torch.optim.Adam
+
+
+def test_amp_picks_bf16_else_fp16_with_a_grad_scaler(monkeypatch):
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(train_mod, "_bf16_supported", lambda: True)
+    assert train_mod.amp_dtype(cuda, True) is torch.bfloat16
+    assert train_mod.make_grad_scaler(cuda, torch.bfloat16) is None  # bf16 needs no scaling
+    monkeypatch.setattr(train_mod, "_bf16_supported", lambda: False)
+    assert train_mod.amp_dtype(cuda, True) is torch.float16
+    assert train_mod.amp_dtype(cuda, False) is None
+    assert train_mod.amp_dtype(cpu, True) is None  # CPU: float32, amp does nothing
+    # The fp16 path (scaled loss, scaler.step, scaler.update), exercised on CPU.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    model = build_model("rs_unet", **TINY["rs_unet"])
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    image = torch.rand(2, 1, 16, 16, 16)
+    loss = train_step(model, image, (image > 0.5).to(torch.uint8), build_loss("DiceCE", None, 2),
+                      optimizer, cpu, None, scaler)
+    assert torch.isfinite(loss) and scaler.get_scale() == 2.0**8
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_amp_on_cpu_says_it_does_nothing(tmp_path, datasets, caplog):
+    caplog.set_level("INFO", logger="catena_mito.train")
+    train(tiny_config(tmp_path, datasets, epochs=1, test_zarr_dirs=[], steps_per_epoch=1, amp=True))
+    assert "amp: no effect on cpu" in caplog.text
+
+
+def test_freeze_encoder_without_model_loc_warns(tmp_path, datasets, caplog):
+    caplog.set_level("WARNING", logger="catena_mito.train")
+    train(tiny_config(tmp_path, datasets, epochs=1, test_zarr_dirs=[], steps_per_epoch=1, freeze_encoder=True))
+    assert "freeze_encoder is set without model_loc" in caplog.text
+
+
+def test_instance_f1_counts():
+    ids = np.zeros((8, 16, 16), np.uint32)
+    ids[1:4, 1:6, 1:6] = 7  # matched
+    ids[5:8, 10:15, 10:15] = 9  # missed
+    prob = np.zeros(ids.shape, np.float32)
+    prob[1:4, 1:6, 1:5] = 0.9  # IoU 0.8 with object 7
+    prob[5:7, 1:3, 12:14] = 0.9  # a false positive of 8 voxels
+    assert train_mod.instance_f1_counts(prob, ids) == {"tp": 1, "fp": 1, "fn": 1}
+    assert train_mod.instance_f1_counts(prob, ids, min_size=10) == {"tp": 1, "fp": 0, "fn": 1}
+
+
+def test_validation_reports_instance_f1(tmp_path, datasets):
+    history = train(tiny_config(tmp_path, datasets, epochs=1, steps_per_epoch=1, val_min_instance_size=0)).history
+    record = history[-1]
+    assert 0.0 <= record["val_instance_f1"] <= 1.0
+    counts = record["val_volumes"][datasets["b"]]["counts"]["instances"]
+    assert record["val_instance_f1"] == pytest.approx(2 * counts["tp"] / (2 * counts["tp"] + counts["fp"] + counts["fn"]))
+    # neuron boundaries are no instances: no instance F1
+    neuron = train(tiny_config(tmp_path, datasets, exp_name="n", label_type="neuron", epochs=1, steps_per_epoch=1)).history
+    assert "val_instance_f1" not in neuron[-1]
+
+
+def test_balance_patches_without_any_positive_patch_is_a_clear_error(tmp_path, datasets):
+    # dataset "a" (32³, seed 1) holds no mitochondrion: balancing has nothing to balance
+    cfg = tiny_config(tmp_path, datasets, epochs=1, test_zarr_dirs=[], subsample_number=None,
+                      balance_patches=True, steps_per_epoch=1)
+    with pytest.raises(data.DataError, match="min_positive_pixels"):
+        train(cfg)
+    assert not run_dir(cfg).exists()
+
+
+def test_epoch_seed_differs_per_rank_and_epoch():
+    seeds = {train_mod.epoch_seed(0, rank, epoch) for rank in range(2) for epoch in range(3)}
+    assert len(seeds) == 6 and train_mod.epoch_seed(0, 1, 2) == train_mod.epoch_seed(0, 1, 2)
+
+
 def test_cuda_without_cuda_is_a_clear_error(tmp_path, datasets):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available")
@@ -331,7 +478,9 @@ def test_patch_size_must_fit_the_model(tmp_path, datasets):
 
 
 def test_ddp_two_cpu_processes(tmp_path, datasets):
-    cfg = tiny_config(tmp_path, datasets, exp_name="ddp", epochs=2, subsample_number=8)
+    # Two validation volumes: each rank validates one (sharded validation).
+    cfg = tiny_config(tmp_path, datasets, exp_name="ddp", epochs=2, subsample_number=8,
+                      test_zarr_dirs=[datasets["b"], datasets["a"]])
     config_path = tmp_path / "ddp.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -356,6 +505,13 @@ def test_ddp_two_cpu_processes(tmp_path, datasets):
     epochs = [r for r in records if "epoch" in r]
     assert [r["epoch"] for r in epochs] == [1, 2]
     assert epochs[0]["steps"] == 2  # 8 patches, 2 ranks, batch 2: each rank takes 2 steps
+    for r in epochs:
+        # the logged loss is the mean over both ranks (same number of steps each)
+        assert len(r["train_loss_ranks"]) == 2 and r["train_loss_ranks"][0] != r["train_loss_ranks"][1]
+        assert r["train_loss"] == pytest.approx(sum(r["train_loss_ranks"]) / 2)
+        assert {v["rank"] for v in r["val_volumes"].values()} == {0, 1}
+        assert list(r["val_volumes"]) == [datasets["b"], datasets["a"]]
+        assert 0.0 <= r["val_iou"] <= 1.0 and "val_instance_f1" in r
     assert load_checkpoint(str(run_dir(cfg) / "last.pth"))["epoch"] == 2
 
 

@@ -1,0 +1,133 @@
+"""Training quality on synthetic data: train for a fixed budget, score a held-out volume.
+
+For each seed ``s``: a training volume of seed ``s`` and a held-out volume of seed
+``s + 1`` (:mod:`catena_mito.synthetic`; about 9-10 % mitochondria, the class balance of
+real serial-section EM crops), the training config of ``catena-mito demo`` (same shapes,
+model, steps, schedule; :func:`catena_mito.demo.train_config_data`), trained with weight
+seed ``s``. The held-out volume is evaluated *once, after the last step* (no checkpoint
+selection on it): foreground IoU and Dice of the sliding-window prediction thresholded at
+0.5 and, where the code supports it, instance F1 at IoU 0.5 of its connected components.
+Seed 0 is exactly the demo's data.
+
+    .venv/bin/python bench/train_quality.py [--seeds 0 1 2] [--set key=value ...]
+        [--epochs N] [--model-type monai_unet] [--threads 2] [--json out.json]
+
+``--set`` overrides any training field (YAML values; ``model_params.x=...`` too) to try a
+variant. Older code without :func:`catena_mito.demo.train_config_data` gets a copy of the
+demo's old training config, so the bench measures a before/after pair with the same
+script (``PYTHONPATH=<old checkout> python bench/train_quality.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+#: The demo's training config before issue 14 (for benchmarking older checkouts).
+_LEGACY_DEMO_TRAIN: dict[str, Any] = {
+    "label_type": "mito", "patch_size": [32, 32, 32], "stride": [16, 16, 16],
+    "batch_size": 2, "epochs": 60, "steps_per_epoch": 40, "eval_interval": 20,
+    "ckpt_interval": 60, "hotstart": True, "learning_rate": 3e-3,
+    "learning_rate_after_hotstart_50": 3e-4, "loss_type": "DiceCE", "rotation_augs": True,
+    "contrast_augs": False,
+}
+
+
+def demo_training(settings: Any, train_url: str, test_url: str, runs_dir: str) -> dict[str, Any]:
+    """The demo's training config for these datasets (the current one, or the legacy copy)."""
+    from catena_mito import demo
+
+    if hasattr(demo, "train_config_data"):
+        return demo.train_config_data(settings, train_url, test_url, runs_dir)
+    return {
+        "exp_name": "demo", "runs_dir": runs_dir, "train_zarr_dirs": [train_url],
+        "test_zarr_dirs": [test_url], "model_type": settings.model_type,
+        "model_params": settings.model_params, **_LEGACY_DEMO_TRAIN,
+        "epochs": settings.epochs, "ckpt_interval": settings.epochs, "seed": settings.seed,
+    }
+
+
+def run_one(seed: int, args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    from catena_mito.config import TrainConfig, apply_overrides, config_from_dict
+    from catena_mito.demo import DemoSettings
+    from catena_mito.synthetic import write_synthetic_dataset
+    from catena_mito.train import train
+
+    settings = DemoSettings(seed=seed, model_type=args.model_type)
+    if args.epochs:
+        settings.epochs = args.epochs
+    train_url = write_synthetic_dataset(f"{tmp}/train-{seed}.zarr", shape=settings.train_shape, seed=seed,
+                                        resolution=settings.resolution, chunks=(32, 64, 64))
+    test_url = write_synthetic_dataset(f"{tmp}/test-{seed}.zarr", shape=settings.test_shape, seed=seed + 1,
+                                       resolution=settings.resolution, chunks=(32, 64, 64))
+    data = demo_training(settings, train_url, test_url, f"{tmp}/runs-{seed}")
+    # One evaluation, after the last step: the score is not a selection on the held-out volume.
+    data.update({"eval_interval": data["epochs"], "ckpt_interval": data["epochs"], "device": "cpu"})
+    data = apply_overrides(data, args.set)
+    config = config_from_dict(TrainConfig, data, "bench")
+    started = time.perf_counter()
+    result = train(config)
+    seconds = time.perf_counter() - started
+    final = result.history[-1] if "val_iou" in result.history[-1] else next(
+        r for r in reversed(result.history) if "val_iou" in r)
+    import numpy as np
+
+    from catena_mito.data import read_training_volume
+
+    fg = float(np.mean(read_training_volume(train_url, "mito").label))
+    return {
+        "seed": seed, "iou": final["val_iou"], "dice": final["val_dice"],
+        "instance_f1": final.get("val_instance_f1"), "train_fg_fraction": fg,
+        "final_loss": final["train_loss"], "steps": sum(r.get("steps", 0) for r in result.history),
+        "train_s": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--epochs", type=int, default=None, help="override the demo's epochs (shorter smoke runs)")
+    parser.add_argument("--model-type", default="monai_unet", choices=["monai_unet", "rs_unet"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--label", default="", help="a name for this variant in the table")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+
+    import logging
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # one table, not 2400 progress lines per seed
+    import torch
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            row = run_one(seed, args, tmp)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    label = args.label or (" ".join(args.set) or "defaults")
+    print(f"variant: {label}  (model {args.model_type}, demo training budget"
+          + (f", epochs {args.epochs}" if args.epochs else "") + ")")
+    print(f"{'seed':>4} {'fg frac':>8} {'IoU':>7} {'Dice':>7} {'inst F1':>8} {'loss':>7} {'steps':>6} {'time s':>7}")
+    for r in rows:
+        f1 = f"{r['instance_f1']:.3f}" if r["instance_f1"] is not None else "-"
+        print(f"{r['seed']:>4} {r['train_fg_fraction']:>8.3f} {r['iou']:>7.3f} {r['dice']:>7.3f} {f1:>8} "
+              f"{r['final_loss']:>7.4f} {r['steps']:>6} {r['train_s']:>7.0f}")
+    ious = [r["iou"] for r in rows]
+    print(f"mean IoU {statistics.mean(ious):.3f}, min {min(ious):.3f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"variant": label, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
