@@ -97,8 +97,13 @@ def status(url: str, storage_options: Mapping[str, Any] | None = None) -> list[d
 
 
 def _arrays(group: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    import warnings
+
     out = []
-    for name, node in group.members():
+    with warnings.catch_warnings():  # zarr warns about our .catena record folders
+        warnings.simplefilter("ignore")
+        members = list(group.members())
+    for name, node in members:
         path = f"{prefix}{name}"
         if hasattr(node, "members"):
             out.extend(_arrays(node, path + "/"))

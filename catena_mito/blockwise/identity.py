@@ -69,6 +69,8 @@ def foreign_identity(shape: Any, dtype: Any, chunks: Any, attrs: Mapping[str, An
 def differences(recorded: Any, current: Any, prefix: str = "") -> list[str]:
     """Human-readable ``key: old -> new`` lines for where two descriptions differ."""
     if isinstance(recorded, Mapping) and isinstance(current, Mapping):
+        if "kind" in recorded and recorded.get("kind") != current.get("kind"):  # another kind of input
+            return [f"{prefix}.kind: {recorded.get('kind')} -> {current.get('kind')}"]
         out: list[str] = []
         for key in sorted(set(recorded) | set(current)):
             name = f"{prefix}.{key}" if prefix else str(key)
