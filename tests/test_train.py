@@ -537,7 +537,7 @@ def test_preview_png_composes_three_panels():
 #: Small widths that learn the synthetic mitochondria's texture in a few hundred steps. MONAI's
 #: U-Net (strided-conv down-sampling, dropout) needs about twice the steps of rs_unet.
 QUALITY = {
-    "monai_unet": {"model_params": {"channels": [8, 16, 32], "strides": [2, 2]},
+    "monai_unet": {"model_params": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 2},
                    "steps_per_epoch": 8, "learning_rate": 3e-3, "learning_rate_after_hotstart_50": 3e-4},
     "rs_unet": {"model_params": {"channels": [8, 16, 32]},
                 "steps_per_epoch": 4, "learning_rate": 1e-3, "learning_rate_after_hotstart_50": 1e-4},
