@@ -73,8 +73,8 @@ def status(url: str, storage_options: Mapping[str, Any] | None = None) -> list[d
     try:
         group = storage.open_group(url, mode="r", storage_options=options)
     except StorageError:
-        raise StorageError(f"{storage.redact_url(url)!r} is not a catena-mito output, dataset or record folder") from None
-    for path, _node in sorted(_arrays(group)):
+        group = None  # label's blocks phase writes records before any array exists
+    for path, _node in sorted(_arrays(group) if group is not None else []):
         array_url = storage.join_url(url, path)
         entry = _array_entry(array_url, options)
         if entry is not None:
@@ -92,7 +92,8 @@ def status(url: str, storage_options: Mapping[str, Any] | None = None) -> list[d
         if storage.redact_url(record_url) not in seen_records:
             entries.append(_entry(storage.join_url(url, rel), RunStore(record_url, options), None, options))
     if not entries:
-        raise DataError(f"no catena-mito output found in {storage.redact_url(url)!r}")
+        what = "dataset" if group is not None else "catena-mito output, dataset or record folder"
+        raise DataError(f"no catena-mito output found in {storage.redact_url(url)!r} (not a {what} with run records)")
     return entries
 
 

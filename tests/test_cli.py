@@ -81,3 +81,43 @@ def test_synth_writes_the_dataset_layout(tmp_path):
     assert storage.read_spatial(raw)[0] == (8.0, 4.0, 4.0)
     for path in storage.LABEL_PATHS.values():
         assert storage.open_volume(storage.join_url(str(out), path)).shape == (20, 24, 28)
+
+
+def test_quiet_and_verbose_work_after_the_command_name(tmp_path):
+    from catena_mito import cli
+
+    for name in cli.cli.commands:
+        options = {o for p in cli.cli.commands[name].params for o in getattr(p, "opts", [])}
+        assert {"--quiet", "--verbose"} <= options, name
+    out = tmp_path / "s.zarr"
+    loud = run_cli("synth", str(out), "--shape", "8", "8", "8")
+    quiet = run_cli("synth", str(tmp_path / "t.zarr"), "--shape", "8", "8", "8", "--quiet")
+    assert loud.returncode == quiet.returncode == 0
+    assert "INFO" not in quiet.stderr
+
+
+def test_status_and_label_dry_run_from_the_cli(tmp_path):
+    import numpy as np
+
+    from catena_mito import storage
+
+    pred = str(tmp_path / "p.zarr/p")
+    storage.create_array(pred, (8, 8, 8), np.float32, (4, 4, 4))[...] = np.random.default_rng(0).random((8, 8, 8))
+    cfg = tmp_path / "label.yaml"
+    cfg.write_text(f"input_prediction_path: {pred}\noutput_instance_dir: {tmp_path / 'o.zarr'}\nchunk_size: 4\n")
+    dry = run_cli("label", "--config", str(cfg), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "blocks      8 of [4, 4, 4]" in dry.stdout and "output now  new" in dry.stdout
+    assert not (tmp_path / "o.zarr").exists()
+    assert run_cli("label", "--config", str(cfg), "--phase", "blocks", "--num-shards", "2").returncode == 0
+    shown = run_cli("status", str(tmp_path / "o.zarr"))
+    assert shown.returncode == 0, shown.stderr
+    assert "incomplete" in shown.stdout and "blocks     4/8 blocks" in shown.stdout
+    assert "shard 1 of 2 (never started)" in shown.stdout
+    as_json = run_cli("status", str(tmp_path / "o.zarr"), "--json")
+    import json
+
+    [entry] = json.loads(as_json.stdout)
+    assert entry["phases"][0]["blocks_done"] == 4 and entry["state"] == "incomplete"
+    missing = run_cli("status", str(tmp_path / "nothing"))
+    assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
