@@ -493,6 +493,18 @@ def _predict_tiff(config: PredictConfig, settings: ModelSettings, runner: Any, j
 # --- the job --------------------------------------------------------------------------------
 
 
+def _size_torch_threads() -> None:
+    """torch's intra-op threads follow the CPUs this process may use (affinity, cgroup
+    quota), not the node's core count, unless ``OMP_NUM_THREADS`` says otherwise: 64
+    threads in a 4-CPU pod are throttled, not fast."""
+    import torch
+
+    from catena_mito.blockwise.cpus import available_cpus
+
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(available_cpus())
+
+
 def _checkpoint_bytes(url: str, storage_options: Mapping[str, Any]) -> bytes:
     try:
         return storage.read_bytes(url, storage_options)
@@ -540,6 +552,7 @@ def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, ov
     if dry_run:
         plans = [plan_summary(config, settings, job, spec, shard_index, num_shards) for job, spec in zip(jobs, specs)]
         return {"dry_run": True, "shard_index": shard_index, "num_shards": num_shards, "outputs": plans}
+    _size_torch_threads()
     model = build_model_from_checkpoint(ckpt)
     del ckpt
     runner = ModelRunner(model, batch_size=config.batch_size, device=config.device, amp=config.amp, tta=config.tta)
