@@ -132,7 +132,9 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
         "output_chunks": [32, 64, 64],
         "batch_size": 4,
     })
-    predict(load_config(PredictConfig, predict_cfg_url))
+    # The demo owns its output folder and retrains every time: its outputs are replaced,
+    # never refused as another run's.
+    predict(load_config(PredictConfig, predict_cfg_url), overwrite=True)
     timings["predict"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -145,7 +147,7 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
         "thres_foreground": 0.5,
         "thres_small_instances": 50,
     })
-    label(load_config(LabelConfig, label_cfg_url))
+    label(load_config(LabelConfig, label_cfg_url), overwrite=True)
     timings["label"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
