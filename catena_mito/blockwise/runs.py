@@ -437,10 +437,13 @@ def _input_problem(store: RunStore, ident: Mapping[str, Any], storage_options: A
 
 
 def stale_inputs(claim: Mapping[str, Any], storage_options: Any) -> list[str]:
-    """Inputs of a run (catena outputs, by URL) that are no longer what the run read."""
+    """Inputs of a run that are no longer what it read: a catena-mito output now written
+    by another run (or incomplete), or a foreign volume whose metadata changed.
+    Checkpoints are not re-read (their hash is in the run; a replaced file at the same
+    URL is seen by the next predict, not by consumers of its output)."""
     out = []
     for name, recorded in (claim.get("description", {}).get("inputs", {}) or {}).items():
-        if not isinstance(recorded, Mapping) or recorded.get("kind") != "catena" or not recorded.get("url"):
+        if not isinstance(recorded, Mapping) or recorded.get("kind") not in ("catena", "foreign") or not recorded.get("url"):
             continue
         url = str(recorded["url"])
         try:
@@ -448,9 +451,14 @@ def stale_inputs(claim: Mapping[str, Any], storage_options: Any) -> list[str]:
         except StorageError:
             out.append(f"{name} {url!r}, which no longer opens")
             continue
-        if now.get("run_id") != recorded.get("run_id") or now.get("complete") != recorded.get("complete"):
+        was = {k: v for k, v in recorded.items() if k != "url"}
+        if normalise(now) == normalise(was):
+            continue
+        if recorded.get("kind") == "catena" and now.get("kind") == "catena":
             out.append(f"{name} {url!r} as written by run {recorded.get('run_id')}, "
                        f"now run {now.get('run_id')}" + ("" if now.get("complete") else " (incomplete)"))
+        else:
+            out.append(f"{name} {url!r}, which has changed since ({'; '.join(differences(was, now)[:2])})")
     return out
 
 

@@ -1,0 +1,161 @@
+"""The block runner and run records, with steps whose results are known exactly."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+import numpy as np
+import pytest
+
+from catena_mito import storage
+from catena_mito.blockwise import runner as runner_module
+from catena_mito.blockwise import signals
+from catena_mito.blockwise.geometry import BlockGrid
+from catena_mito.blockwise.runner import BlockSteps, run_phase
+from catena_mito.blockwise.runs import RunSpec, RunStore
+from catena_mito.errors import RunMismatchError, Stopped
+
+GRID = BlockGrid((8, 8, 8), (2, 4, 4))  # 16 blocks
+
+
+def _store() -> RunStore:
+    return RunStore(f"memory://runner-{uuid.uuid4().hex}/out/.catena/test")
+
+
+def _spec(setting: int = 1) -> RunSpec:
+    return RunSpec("test", {"settings": {"x": setting}}, (("work", GRID.num_blocks),))
+
+
+class Volume:
+    """An output written block by block, with a record of who wrote what."""
+
+    def __init__(self) -> None:
+        self.data = np.zeros(GRID.volume_shape, np.int64)
+        self.lock = threading.Lock()
+
+    def steps(self, parallel: bool, fail_at: int | None = None, hook=None) -> BlockSteps:
+        def compute(block, data):
+            if fail_at is not None and block.index == fail_at:
+                raise ValueError(f"block {block.index} failed")
+            return np.full(block.write_roi.shape, block.index + 1, np.int64)
+
+        def write(block, values):
+            with self.lock:
+                self.data[block.write_roi.to_slices()] = values
+            if hook:
+                hook(block)
+
+        return BlockSteps(read=lambda b: b.index, compute=compute, write=write, parallel=parallel)
+
+    def expected_block(self, index: int) -> bool:
+        block = GRID.block(index)
+        return bool((self.data[block.write_roi.to_slices()] == index + 1).all())
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_shards_cover_every_block_once_and_complete_the_run(parallel):
+    store, spec, vol = _store(), _spec(), Volume()
+    store.claim(spec, overwrite=False)
+    computed = [run_phase(store, spec, "work", GRID.blocks(), vol.steps(parallel), shard_index=k, num_shards=3,
+                          threads=3).blocks_computed for k in range(3)]
+    assert sum(computed) == GRID.num_blocks
+    assert all(vol.expected_block(i) for i in range(GRID.num_blocks))
+    assert store.read_complete(spec.run_id) is not None
+    again = run_phase(store, spec, "work", GRID.blocks(), vol.steps(parallel), threads=3)
+    assert again.blocks_computed == 0 and again.blocks_skipped == GRID.num_blocks
+    over = run_phase(store, spec, "work", GRID.blocks(), vol.steps(parallel), threads=3, overwrite=True,
+                     shard_index=1, num_shards=2)
+    assert over.blocks_computed == GRID.num_blocks // 2
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_an_error_marks_only_blocks_whose_data_was_written(parallel):
+    store, spec, vol = _store(), _spec(), Volume()
+    store.claim(spec, overwrite=False)
+    with pytest.raises(ValueError, match="block 5 failed"):
+        run_phase(store, spec, "work", GRID.blocks(), vol.steps(parallel, fail_at=5), threads=2)
+    done = store.markers(spec.run_id, "work").done_indices()
+    assert 5 not in done and done
+    assert all(vol.expected_block(i) for i in done)
+    [record] = store.shard_records(spec.run_id, "work")
+    assert record["state"] == "failed"
+    assert store.read_complete(spec.run_id) is None
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_stop_request_finishes_the_blocks_in_flight_and_raises_stopped(parallel):
+    store, spec, vol = _store(), _spec(), Volume()
+    store.claim(spec, overwrite=False)
+
+    def hook(block):
+        if block.index == 3:
+            signals._requested.set()
+
+    try:
+        with pytest.raises(Stopped):
+            run_phase(store, spec, "work", GRID.blocks(), vol.steps(parallel, hook=hook), threads=2)
+    finally:
+        signals.reset()
+    done = store.markers(spec.run_id, "work").done_indices()
+    assert 3 in done and len(done) < GRID.num_blocks
+    assert all(vol.expected_block(i) for i in done)
+    assert store.shard_records(spec.run_id, "work")[0]["state"] == "stopped"
+    resumed = run_phase(store, spec, "work", GRID.blocks(), vol.steps(parallel), threads=2)
+    assert resumed.blocks_skipped == len(done)
+    assert all(vol.expected_block(i) for i in range(GRID.num_blocks))
+
+
+def test_a_run_that_loses_its_claim_stops_and_unmarks_what_it_wrote(monkeypatch):
+    monkeypatch.setattr(runner_module, "VERIFY_SECONDS", 0.0)
+    store, old, new, vol = _store(), _spec(1), _spec(2), Volume()
+    store.claim(old, overwrite=False)
+    new_markers = store.markers(new.run_id, "work")
+
+    def hook(block):
+        if block.index == 4:  # another run takes the output over (--overwrite elsewhere) ...
+            store.claim(new, overwrite=True)
+            for i in range(GRID.num_blocks):  # ... and has marked every block done meanwhile
+                new_markers.mark_done(i)
+
+    with pytest.raises(RunMismatchError, match=f"claimed by run {new.run_id} while this shard of run {old.run_id}"):
+        run_phase(store, old, "work", GRID.blocks(), vol.steps(False, hook=hook), threads=1)
+    assert 4 not in new_markers.done_indices()  # the old run's write there no longer counts
+    assert store.read_claim()["run_id"] == new.run_id
+
+
+def test_claims_refuse_other_runs_and_name_the_change():
+    store = _store()
+    assert store.claim(_spec(1), overwrite=False) is True
+    assert store.claim(_spec(1), overwrite=False) is False  # the same run joins
+    with pytest.raises(RunMismatchError, match=r"settings\.x: 1 -> 2; rerun with --overwrite"):
+        store.claim(_spec(2), overwrite=False)
+    store.markers(_spec(1).run_id, "work").mark_done(0)
+    assert store.claim(_spec(2), overwrite=True) is True
+    assert not storage.exists(store.run_url(_spec(1).run_id))  # the replaced run's records are gone
+
+
+def test_progress_without_a_tty_is_plain_lines(monkeypatch, caplog):
+    monkeypatch.setenv("CATENA_PROGRESS_INTERVAL", "0")
+    store, spec, vol = _store(), _spec(), Volume()
+    store.claim(spec, overwrite=False)
+    with caplog.at_level(logging.INFO, logger="catena_mito"):
+        run_phase(store, spec, "work", GRID.blocks(), vol.steps(False), threads=1, desc="work shard 0/1")
+    lines = [r.getMessage() for r in caplog.records if r.name == "catena_mito.progress"]
+    assert lines and lines[-1].startswith("work shard 0/1: 16/16 blocks (100.0%)")
+    assert any("ETA" in line for line in lines[:-1])
+    assert all("\r" not in line for line in lines)
+
+
+def test_a_replaced_raw_volume_makes_its_prediction_stale(tmp_path):
+    from catena_mito.blockwise.runs import array_identity, describe_inputs, stale_inputs
+
+    raw_url = str(tmp_path / "d.zarr/volumes/raw")
+    storage.create_array(raw_url, (4, 4, 4), np.uint8, (4, 4, 4), attrs={"resolution": [8, 8, 8]})
+    ident = array_identity(storage.open_array(raw_url), raw_url)
+    claim = {"description": {"inputs": describe_inputs({"raw": (raw_url, ident)})}}
+    assert stale_inputs(claim, None) == []
+    storage.create_array(raw_url, (4, 4, 5), np.uint8, (4, 4, 4), overwrite=True, attrs={"resolution": [8, 8, 8]})
+    [problem] = stale_inputs(claim, None)
+    assert "raw" in problem and "shape: [4,4,4] -> [4,4,5]" in problem
