@@ -50,7 +50,7 @@ def _config_options(func: Callable) -> Callable:
 def _shard_options(func: Callable) -> Callable:
     func = click.option(
         "--num-shards", type=int, default=None,
-        help="Number of shards (default: $CATENA_NUM_SHARDS, else $SLURM_ARRAY_TASK_COUNT, else 1).",
+        help="Number of shards (default: $CATENA_NUM_SHARDS, else $SLURM_ARRAY_TASK_COUNT when the array is 0..N-1, else 1; required with a shard index from Slurm or Kubernetes).",
     )(func)
     func = click.option(
         "--shard-index", type=int, default=None,
@@ -169,7 +169,8 @@ def label(config_path: str, overrides: tuple[str, ...], shard_index: int | None,
     from catena_mito.blockwise.sharding import resolve_shard
 
     config = _load("LabelConfig", config_path, overrides)
-    index, count = resolve_shard(shard_index, num_shards)
+    # merge and clean are one process: a shard count from the environment is moot there
+    index, count = (0, 1) if phase in ("merge", "clean") else resolve_shard(shard_index, num_shards)
     from catena_mito.label import format_plan
     from catena_mito.label import label as run
 
