@@ -2,9 +2,12 @@
 
 A trial starts ``python -m catena_mito <predict|label> ...`` on an output of its own, kills
 the whole process group with SIGKILL after a seeded random delay, checks that every block
-marked done holds its final data (DESIGN invariant 3), reruns the same command to the end
-and checks that the output is byte-identical (every file of the output array, chunk by
-chunk) to a clean run's.
+marked done for the run that owns the output holds its final data (DESIGN invariant 3;
+markers under ``<record>/runs/<run id>/<phase>/done/``, label block data under
+``.../blocks/data/``, and a ``complete.json`` only over a whole output, see
+:mod:`catena_mito.blockwise.runs`), reruns the same command to the end and checks that the
+output is byte-identical (every file of the output array, chunk by chunk, outside its
+``.catena`` records) to a clean run's.
 
 The delays are drawn uniformly from ``[first/2, total]``, where ``total`` is the clean
 run's duration and ``first`` the moment its first done marker appeared, both measured once
@@ -153,19 +156,43 @@ def run_to_end(job: Job, timeout: float = 300) -> subprocess.CompletedProcess:
     return proc
 
 
-def done_dirs(job: Job) -> list[Path]:
-    """Local folders holding this job's done markers."""
+def record_dir(job: Job) -> Path:
+    """The local record folder of a job's output (see :mod:`catena_mito.blockwise.runs`)."""
     if job.kind == "predict":
-        return [Path(job.output_url) / ".catena" / "predict" / "done"]
-    work = Path(job.output_url).parent / ".catena" / "label" / "mito_instances"
-    return [p for p in work.glob("**/done") if p.is_dir()]
+        return Path(job.output_url) / ".catena" / "predict"
+    return Path(job.output_url).parent / ".catena" / "label" / Path(job.output_url).name
+
+
+def run_dir(job: Job) -> Path | None:
+    """``<record>/runs/<run id>`` of the run that owns the output now (None before any claim)."""
+    claim = record_dir(job) / "run.json"
+    try:
+        run_id = json.loads(claim.read_text())["run_id"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+    return record_dir(job) / "runs" / str(run_id)
+
+
+def done_dirs(job: Job) -> list[Path]:
+    """Local folders holding this job's done markers (every phase of every run recorded)."""
+    return [p for p in (record_dir(job) / "runs").glob("*/*/done") if p.is_dir()]
 
 
 def storage_markers(output_url: str, storage_options: dict | None = None):
-    """A callable returning the predict blocks marked done at ``output_url`` (any URL)."""
-    from catena_mito.blockwise.markers import DoneMarkers
+    """A callable returning the predict blocks marked done at ``output_url`` (any URL) for
+    the run that owns it (none before the first claim)."""
+    from catena_mito.errors import PhaseError
+    from catena_mito.predict import run_store
 
-    return DoneMarkers(output_url, "predict", storage_options).done_indices
+    store = run_store(output_url, storage_options)
+
+    def done() -> set[int]:
+        try:
+            return store.current_markers("predict").done_indices()
+        except PhaseError:  # no run recorded yet
+            return set()
+
+    return done
 
 
 def count_markers(job: Job) -> int:
@@ -198,12 +225,20 @@ def output_files(url: str) -> dict[str, bytes]:
 
 
 def check_markers(job: Job, reference: np.ndarray) -> tuple[int, list[str]]:
-    """Every block marked done holds its data; returns ``(markers seen, problems)``."""
+    """Every block marked done (for the run that owns the output) holds its data, and a
+    run recorded complete holds all of it; returns ``(markers seen, problems)``."""
     problems: list[str] = []
     seen = 0
+    run = run_dir(job)
+    if run is None:
+        return seen, problems
+    complete = run / "complete.json"
+    if complete.exists():
+        seen += 1
+        if not np.array_equal(storage.open_array(job.output_url)[...], reference):
+            problems.append(f"{job.kind} complete.json written but the output differs")
     if job.kind == "predict":
-        d = done_dirs(job)[0]
-        markers = sorted(d.glob("*.json")) if d.exists() else []
+        markers = sorted((run / "predict" / "done").glob("*.json"))
         if markers:
             out = storage.open_array(job.output_url)
         for m in markers:
@@ -213,28 +248,22 @@ def check_markers(job: Job, reference: np.ndarray) -> tuple[int, list[str]]:
             if not np.array_equal(out[sl], reference[sl]):
                 problems.append(f"predict block {info['block']} marked done without its data")
         return seen, problems
-    work = Path(job.output_url).parent / ".catena" / "label" / "mito_instances"
-    if (work / "complete.json").exists():
-        seen += 1
-        if not np.array_equal(storage.open_array(job.output_url)[...], reference):
-            problems.append("label complete.json written but the output differs")
-    for marker in work.glob("blocks/*/done/*.json"):
+    for marker in (run / "blocks" / "done").glob("*.json"):
         seen += 1
         i = marker.stem
-        data = marker.parent.parent / "data" / f"{i}.npz"
+        data = run / "blocks" / "data" / f"{i}.npz"
         try:
             with np.load(io.BytesIO(data.read_bytes())) as npz:
                 npz.files  # noqa: B018 - the archive must be readable
         except Exception as e:  # noqa: BLE001
             problems.append(f"label block {i} marked done but its data is unreadable: {e}")
-    merge_marker = work / "merge" / "done" / "0.json"
-    if merge_marker.exists():
+    if (run / "merge" / "done" / "0.json").exists():
         seen += 1
         n_blocks = int(np.prod([-(-s // c) for s, c in zip(LABEL_SHAPE, LABEL_CHUNK)]))
-        missing = [i for i in range(n_blocks) if not (work / "merge" / "maps" / f"{i}.npy").exists()]
+        missing = [i for i in range(n_blocks) if not (run / "merge" / "maps" / f"{i}.npy").exists()]
         if missing:
             problems.append(f"label merge marked done without maps {missing[:5]}")
-    relabel = sorted((work / "relabel" / "done").glob("*.json"))
+    relabel = sorted((run / "relabel" / "done").glob("*.json"))
     if relabel:
         from catena_mito.blockwise.geometry import BlockGrid
 

@@ -1,9 +1,12 @@
 """Faults (issue 8): killed workers, a storage server that dies mid-run, concurrent duplicates.
 
 * ``predict`` and ``label`` processes are SIGKILLed at seeded random moments (within the
-  duration of a clean run, measured once), then rerun: no block is ever marked done without
-  its data, and the rerun's output is byte-identical to the clean run's (bench/faults.py
-  holds the machinery and runs many more trials).
+  duration of a clean run, measured once), then rerun: no block is ever marked done (in
+  ``<record>/runs/<run id>/<phase>/done/``) without its data, a ``complete.json`` only
+  stands over a whole output, and the rerun's output is byte-identical to the clean run's
+  (bench/faults.py holds the machinery and runs many more trials).
+* A ``label --phase all`` SIGKILLed while it holds its lease is rerun at once, as a
+  retried pod or a user would: the dead process's lease must not refuse it.
 * ``train`` killed at a random moment resumes from ``last.pth`` with
   ``resume_checkpoint: auto`` and ends with exactly the weights of an uninterrupted run.
 * The S3 server is SIGKILLed during a ``predict`` and restarted on the same data: the job
@@ -70,6 +73,27 @@ def test_predict_killed_at_random_moments(predict_setup):
 def test_label_killed_at_random_moments(label_setup):
     trials = [label_setup.trial(d, rerun=faults.run_in_process) for d in label_setup.delays(LABEL_TRIALS, seed=8)]
     _check(trials)
+
+
+def test_label_rerun_at_once_after_kill_is_not_refused_by_the_dead_lease(inputs, label_setup, tmp_path):
+    """SIGKILL ``label --phase all`` while it holds ``runs/<id>/all/lease.json`` (after some
+    blocks are marked), rerun the same command at once: it must resume, not report the
+    killed process as "already running" until the lease goes stale."""
+    job = faults.make_job("label", inputs, tmp_path / "out")
+    proc = faults.start(job)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            run = faults.run_dir(job)
+            if run is not None and (run / "all" / "lease.json").exists() and faults.count_markers(job) > 2:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "label finished before it could be killed"
+    finally:
+        faults.kill_group(proc)
+    assert (faults.run_dir(job) / "all" / "lease.json").exists()
+    faults.run_to_end(job)
+    assert faults.output_files(job.output_url) == label_setup.reference_files
 
 
 # --- concurrency --------------------------------------------------------------------------------
