@@ -308,7 +308,7 @@ def test_indexed_jobs_on_s3_equal_a_single_process_run(tmp_path, s3_server):
     for phase in ("blocks", "relabel"):
         shards = NUM_SHARDS[f"catena-label-{phase}"]
         for i in range(shards):
-            assert f"label {phase}: shard {i}/{shards}," in logs[f"catena-label-{phase}-{i}"]
+            assert f"label {phase} {i}/{shards}: " in logs[f"catena-label-{phase}-{i}"]
     # Objects joined across block faces and small ones removed by their global size, the
     # same in the merge pod as in the single run.
     merge_pattern = r"label merge: (\d+) provisional labels, (\d+) equivalences, (\d+) objects kept, (\d+) removed"
