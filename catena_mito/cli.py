@@ -36,6 +36,11 @@ def _log_options(func: Callable) -> Callable:
                         help="Warnings and errors only (no progress lines).")(func)
 
 
+def _bars() -> bool:
+    """Progress bars only in a terminal and when not ``--quiet``."""
+    return sys.stderr.isatty() and logging.getLogger("catena_mito").isEnabledFor(logging.INFO)
+
+
 def _config_options(func: Callable) -> Callable:
     func = click.option(
         "--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -115,7 +120,7 @@ def synth(out: str, shape: tuple[int, int, int], seed: int, resolution: tuple[fl
     """Write a synthetic FIB-SEM-like dataset with known mitochondria to OUT_URL (a Zarr group)."""
     from catena_mito.synthetic import write_synthetic_dataset
 
-    write_synthetic_dataset(out, shape=shape, seed=seed, resolution=resolution, chunks=chunks, progress=True)
+    write_synthetic_dataset(out, shape=shape, seed=seed, resolution=resolution, chunks=chunks, progress=_bars())
     click.echo(f"wrote {out} (volumes/raw, volumes/labels/mito_ids, volumes/labels/neuron_ids)")
 
 
@@ -199,7 +204,7 @@ def evaluate(gt: str, prediction: str | None, instances: str | None, threshold: 
     from catena_mito.evaluate import evaluate as run
     from catena_mito.evaluate import format_report, write_report
 
-    report = run(gt, prediction, instances, threshold=threshold, iou_thresholds=iou_thresholds, block_shape=block_shape, progress=sys.stderr.isatty(), allow_incomplete=allow_incomplete)
+    report = run(gt, prediction, instances, threshold=threshold, iou_thresholds=iou_thresholds, block_shape=block_shape, progress=_bars(), allow_incomplete=allow_incomplete)
     click.echo(format_report(report))
     if json_url:
         write_report(report, json_url)
@@ -236,7 +241,7 @@ def import_cmd(source: str, to: str, as_: str, resolution: tuple[float, float, f
     """Copy a TIFF folder/stack, an HDF5 dataset (FILE.h5:/path) or a .npy into a dataset, block by block."""
     from catena_mito.convert import import_volume
 
-    url = import_volume(source, to, as_, resolution=resolution, offset=offset, chunks=chunks, overwrite=overwrite, zarr_format=int(zarr_format) if zarr_format else None, progress=sys.stderr.isatty())
+    url = import_volume(source, to, as_, resolution=resolution, offset=offset, chunks=chunks, overwrite=overwrite, zarr_format=int(zarr_format) if zarr_format else None, progress=_bars())
     click.echo(f"wrote {url}")
 
 

@@ -777,17 +777,18 @@ class _LabelTask:
 
 
 def format_plan(plan: Mapping[str, Any]) -> str:
-    gib = 2.0**30
+    from catena_mito.predict import format_bytes
+
     per_shard = plan["blocks_per_shard"]
     return "\n".join([
         f"label {plan['input']} -> {plan['output']} (run {plan['run_id']})",
         f"  input       {plan['input_shape']}; output {plan['output_shape']} uint32 or uint64, "
-        f"at least {plan['output_bytes_at_least'] / gib:.3f} GiB",
+        f"at least {format_bytes(plan['output_bytes_at_least'])}",
         f"  blocks      {plan['blocks_total']} of {plan['chunk_size']} (relabel {plan['relabel_blocks_total']}); "
         f"per shard {min(per_shard)}-{max(per_shard)}" if min(per_shard) != max(per_shard) else
         f"  blocks      {plan['blocks_total']} of {plan['chunk_size']} (relabel {plan['relabel_blocks_total']}); "
         f"per shard {per_shard[0]}",
-        f"  memory      about {plan['peak_memory_bytes_per_worker'] / gib:.2f} GiB per worker "
+        f"  memory      about {format_bytes(plan['peak_memory_bytes_per_worker'])} per worker "
         f"({plan['threads']} blocks in flight)",
         f"  output now  {plan['output_state']}",
     ])

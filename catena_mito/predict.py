@@ -624,18 +624,24 @@ def plan_summary(config: PredictConfig, settings: ModelSettings, job: _Job, spec
     return plan
 
 
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2.0**30), ("MiB", 2.0**20), ("KiB", 2.0**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
 def format_plan(plan: Mapping[str, Any]) -> str:
-    gib = 2.0**30
     lines = [
         f"predict {plan['input']} -> {plan['output']} (run {plan['run_id']})",
-        f"  output      {plan['output_shape']} {plan['output_dtype']}, {plan['output_bytes'] / gib:.3f} GiB"
+        f"  output      {plan['output_shape']} {plan['output_dtype']}, {format_bytes(plan['output_bytes'])}"
         f" (model grid {plan['model_grid_shape']})",
         f"  blocks      {plan['blocks_total']} of {plan['block_shape']}; per shard {_counts(plan['blocks_per_shard'])}"
         f"; this shard {plan['blocks_in_this_shard']}",
         f"  windows     {plan['windows_all_blocks']} over all blocks ({plan['windows_per_block_max']} per block at most)"
         f", {plan['windows_whole_volume']} in one whole-volume pass"
         f" ({plan['windows_all_blocks'] / max(1, plan['windows_whole_volume']):.2f}x); this shard {plan['windows_this_shard']}",
-        f"  memory      about {plan['peak_memory_bytes_per_worker'] / gib:.2f} GiB of data buffers per worker, plus the model",
+        f"  memory      about {format_bytes(plan['peak_memory_bytes_per_worker'])} of data buffers per worker, plus the model",
         f"  output now  {plan['output_state']}",
     ]
     return "\n".join(lines)
