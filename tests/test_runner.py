@@ -159,3 +159,53 @@ def test_a_replaced_raw_volume_makes_its_prediction_stale(tmp_path):
     storage.create_array(raw_url, (4, 4, 5), np.uint8, (4, 4, 4), overwrite=True, attrs={"resolution": [8, 8, 8]})
     [problem] = stale_inputs(claim, None)
     assert "raw" in problem and "shape: [4,4,4] -> [4,4,5]" in problem
+
+
+def test_a_lease_of_a_dead_process_is_taken_over_and_a_live_one_refused(monkeypatch, tmp_path):
+    import os
+    import socket
+    import time
+
+    from catena_mito.blockwise import runs
+    from catena_mito.errors import PhaseError
+
+    monkeypatch.setattr(runs, "LEASE_STALE_SECONDS", 1.0)
+    monkeypatch.setattr(runs, "LEASE_HEARTBEAT_SECONDS", 0.2)
+    store = RunStore(str(tmp_path / "rec"))
+    url = store.run_url("r", "merge", "lease.json")
+    dead = subprocess_pid_that_exited()
+    storage.write_json(url, {"token": "x", "host": socket.gethostname(), "pid": dead, "heartbeat": time.time()})
+    t0 = time.monotonic()
+    with runs.Lease(store, "r", "merge", "the merge"):
+        assert storage.read_json(url)["pid"] == os.getpid()
+    assert time.monotonic() - t0 < 0.9  # at once: its process is gone
+    assert not storage.exists(url)  # released
+
+    stop = threading.Event()
+
+    def live_owner() -> None:  # another node's process, heartbeating
+        while not stop.is_set():
+            storage.write_json(url, {"token": "y", "host": "other-node", "pid": 1, "heartbeat": time.time()})
+            time.sleep(0.1)
+
+    owner = threading.Thread(target=live_owner)
+    owner.start()
+    try:
+        time.sleep(0.2)
+        with pytest.raises(PhaseError, match="already running in another process \\(other-node pid 1"):
+            with runs.Lease(store, "r", "merge", "the merge"):
+                pass
+    finally:
+        stop.set()
+        owner.join()
+    with runs.Lease(store, "r", "merge", "the merge"):  # its heartbeat stopped: stale after 1 s
+        pass
+
+
+def subprocess_pid_that_exited() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

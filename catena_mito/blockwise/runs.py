@@ -57,8 +57,8 @@ from catena_mito.errors import IncompleteInputError, PhaseError, RunMismatchErro
 log = logging.getLogger(__name__)
 
 #: Seconds after which a single-process lease without a heartbeat counts as abandoned.
-LEASE_STALE_SECONDS = 120.0
-LEASE_HEARTBEAT_SECONDS = 15.0
+LEASE_STALE_SECONDS = 60.0
+LEASE_HEARTBEAT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -293,11 +293,13 @@ class PhaseProgress:
 class Lease:
     """An exclusive lease on a single-process phase (label merge/clean, ``--phase all``).
 
-    Written to ``lease.json`` with a heartbeat; a second process finding a fresh lease of
-    another owner is refused with a clear line; a lease without heartbeat for
-    :data:`LEASE_STALE_SECONDS` (its process died) is taken over. Object stores have no
-    atomic create-if-absent, so two processes starting within the same moment are caught
-    by re-reading the lease after a short pause.
+    Written to ``lease.json`` with a heartbeat. A process finding a lease of another
+    owner takes it over at once when that owner is dead (same host, its pid gone or
+    reused), and otherwise waits for it to be released or to go stale (no heartbeat for
+    :data:`LEASE_STALE_SECONDS`, e.g. a killed pod on another node); a lease still alive
+    after that wait is refused with a clear line. Object stores have no atomic
+    create-if-absent, so two processes starting within the same moment are caught by
+    re-reading the lease after a short pause.
     """
 
     def __init__(self, store: RunStore, run_id: str, phase: str, what: str):
@@ -320,8 +322,41 @@ class Lease:
     def _write(self) -> None:
         storage.write_json(self.url, self._payload(), self.options)
 
+    def _held(self, current: dict | None) -> bool:
+        """Another live process holds ``current``."""
+        if not current or current.get("token") == self.token:
+            return False
+        if time.time() - float(current.get("heartbeat", 0)) >= LEASE_STALE_SECONDS:
+            return False
+        if current.get("host") == socket.gethostname():
+            pid = current.get("pid")
+            if pid == os.getpid():
+                return False  # our pid, another token: a previous process with this pid (a restarted container)
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return False  # died without releasing it (SIGKILL, OOM)
+            except (PermissionError, TypeError, ValueError):
+                pass
+        return True
+
+    def _wait_until_free(self, current: dict | None) -> dict | None:
+        from catena_mito.blockwise import signals
+
+        deadline = time.monotonic() + LEASE_STALE_SECONDS + LEASE_HEARTBEAT_SECONDS
+        logged = False
+        while self._held(current) and time.monotonic() < deadline:
+            if not logged:
+                log.info("%s is held by %s pid %s; waiting for it to finish or go stale", self.what,
+                         current.get("host"), current.get("pid"))
+                logged = True
+            signals.raise_if_requested("while waiting for a lease")
+            time.sleep(1.0)
+            current = self._read()
+        return current
+
     def _refuse_if_held(self, current: dict | None) -> None:
-        if current and current.get("token") != self.token and time.time() - float(current.get("heartbeat", 0)) < LEASE_STALE_SECONDS:
+        if self._held(current):
             raise PhaseError(
                 f"{self.what} is already running in another process ({current.get('host')} pid "
                 f"{current.get('pid')}, heartbeat {utc(current.get('heartbeat'))}); wait for it to finish "
@@ -340,19 +375,17 @@ class Lease:
         return True
 
     def __enter__(self) -> Lease:
-        current = self._read()
+        current = self._wait_until_free(self._read())
         self._refuse_if_held(current)
-        if storage.is_local(self.url):
-            if current is None and not self._create_local():  # another process won the race
-                self._refuse_if_held(self._read() or {"heartbeat": time.time(), "host": "?", "pid": "?"})
-            self._write()
-        else:
-            self._write()
-            if storage.url_scheme(self.url) != "memory":
-                time.sleep(0.5)  # a concurrent starter's write lands in this pause: the last one wins
-            current = self._read()
-            if current is not None and current.get("token") != self.token:
-                self._refuse_if_held(current)
+        if storage.is_local(self.url) and current is None and not self._create_local():
+            # another process created it between our read and now
+            self._refuse_if_held(self._read() or {"heartbeat": time.time(), "host": "?", "pid": "?"})
+        self._write()  # ours now: created, or taken over from a dead or stale owner
+        if not storage.is_local(self.url) and storage.url_scheme(self.url) != "memory":
+            time.sleep(0.5)  # a concurrent starter's write lands in this pause: the last one wins
+        current = self._read()
+        if current is not None and current.get("token") != self.token:
+            self._refuse_if_held(current)
         self._thread = threading.Thread(target=self._beat, name="catena-lease", daemon=True)
         self._thread.start()
         return self
