@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from catena_mito.errors import ConfigError, ShardError
 from catena_mito.blockwise.geometry import BlockGrid, Roi, check_chunk_alignment, select_shard
+from catena_mito.errors import ConfigError, ShardError
 
 triples = st.tuples(*(st.integers(1, 40),) * 3)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from catena_mito.errors import ConfigError, DataError
 from catena_mito.blockwise.geometry import BlockGrid, Roi
+from catena_mito.errors import ConfigError, DataError
 from catena_mito.inference import (
     MIN_WEIGHT,
     ModelRunner,

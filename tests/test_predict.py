@@ -17,9 +17,8 @@ from catena_mito.checkpoint import make_payload, save_checkpoint
 from catena_mito.config import PredictConfig, config_from_dict
 from catena_mito.errors import CheckpointError, ConfigError, DataError
 from catena_mito.inference import sliding_window_predict
-from catena_mito.predict import run_store
 from catena_mito.models import build_model
-from catena_mito.predict import output_urls, predict
+from catena_mito.predict import output_urls, predict, run_store
 from catena_mito.preprocess import preprocess_volume, resample
 
 SHAPE = (20, 36, 44)  # z, y, x: not multiples of the stride or of the blocks

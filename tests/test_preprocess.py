@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from catena_mito.errors import ConfigError, DataError
 from catena_mito.blockwise.geometry import BlockGrid, Roi
+from catena_mito.errors import ConfigError, DataError
 from catena_mito.preprocess import (
     GridMap,
     Preprocessor,

@@ -192,9 +192,9 @@ def test_a_lease_of_a_dead_process_is_taken_over_and_a_live_one_refused(monkeypa
     owner.start()
     try:
         time.sleep(0.2)
-        with pytest.raises(PhaseError, match="already running in another process \\(other-node pid 1"):
-            with runs.Lease(store, "r", "merge", "the merge"):
-                pass
+        with pytest.raises(PhaseError, match="already running in another process \\(other-node pid 1"), \
+                runs.Lease(store, "r", "merge", "the merge"):
+            pass
     finally:
         stop.set()
         owner.join()
