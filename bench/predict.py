@@ -14,6 +14,10 @@ Figures (goals from issue 5):
    Memory, not speed, is measured here, so this uses a *very small* U-Net
    (channels 2, 4) and stride = patch (fewer windows) to keep the 512³ run short on
    2 CPUs, on uniform-noise uint8 volumes (content does not change memory).
+4. sharded == single process: the 256³ synthetic volume predicted by one process and by
+   ``--shards`` processes (one shard each, one after the other, into one output) gives
+   byte-identical output files (chunks and metadata; the ``.catena`` run records aside),
+   and the same run id. Tiny U-Net, stride = half a patch.
 
 Each measurement runs in a fresh subprocess that reports its own wall time (work only,
 not interpreter start-up or the one-time import of torch and MONAI, ~3 s, which both sides
@@ -59,7 +63,7 @@ if mode == "predict":
         "num_workers": args["workers"],
     })
     t = time.perf_counter()
-    summary = predict(config)
+    summary = predict(config, shard_index=args.get("shard", 0), num_shards=args.get("shards", 1))
     elapsed = time.perf_counter() - t
     extra = {"windows_run": summary["outputs"][0]["windows_run"]}
 else:
@@ -124,6 +128,42 @@ def forward_calls(size: int, block: int, patch: int, stride: int, batch: int) ->
     return calls, windows, grid.num_windows
 
 
+def output_files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` except the run records (``.catena``)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".catena" not in p.relative_to(root).parts}
+
+
+def sharded_vs_single(work: Path, common: dict, ckpt: str, data: str, stride: int, block: int, shards: int) -> None:
+    from catena_mito import storage
+    from catena_mito.predict import run_store
+
+    args = dict(common, ckpt=ckpt, data=data, stride=[stride] * 3, block=[block] * 3, chunks=[64] * 3, workers=1)
+    single, sharded = work / "out4-single", work / "out4-sharded"
+    t = time.perf_counter()
+    child("predict", **args, out=str(single))
+    one_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for k in range(shards):
+        child("predict", **args, out=str(sharded), shard=k, shards=shards)
+    many_s = time.perf_counter() - t
+    a, b = output_files(single), output_files(sharded)
+    same = a == b
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    ids = []
+    for out in (single, sharded):
+        url = storage.join_url(str(out), Path(data).name, storage.prediction_path("mito"))
+        store = run_store(url)
+        claim = store.read_claim() or {}
+        ids.append((claim.get("run_id"), store.read_complete(str(claim.get("run_id"))) is not None))
+    print(f"\n4. sharded == single process ({Path(data).name}, tiny U-Net, block {block}³, stride {stride})")
+    print(f"   1 process {one_s:.1f} s, {shards} shards {many_s:.1f} s (wall, with start-up)")
+    print(f"   {len(a)} output files, identical: {same}" + ("" if same else f" (differ: {differ[:5]})"))
+    print(f"   run ids {ids[0][0]} / {ids[1][0]}, complete {ids[0][1]} / {ids[1][1]}")
+    if not same or ids[0][0] != ids[1][0] or not (ids[0][1] and ids[1][1]):
+        raise SystemExit("sharded output differs from the single-process output")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256)
@@ -132,6 +172,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="alternating predict/forward pairs")
+    parser.add_argument("--shards", type=int, default=2, help="shards of figure 4 (0: skip it)")
     parser.add_argument("--keep", default=None, help="keep inputs/outputs in this directory")
     opts = parser.parse_args()
 
@@ -192,6 +233,10 @@ def main() -> None:
         for s in (size, big):
             print(f"   {s}³: {rss[s]['peak_rss'] / 2**20:8.1f} MiB  ({rss[s]['seconds']:.1f} s)")
         print(f"   ratio {big}³/{size}³: {rss[big]['peak_rss'] / rss[size]['peak_rss']:.3f}   (goal <= 1.1)")
+        # 4. sharded == single process (tiny model: the geometry, not the model, is tested)
+        if opts.shards > 1:
+            sharded_vs_single(work, common, tiny_ckpt, syn, stride, block, opts.shards)
+
         print(f"\ntotal bench time {time.perf_counter() - started:.0f} s")
     finally:
         if not opts.keep:
