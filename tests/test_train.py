@@ -538,7 +538,7 @@ def test_preview_png_composes_three_panels():
 #: U-Net (strided-conv down-sampling, dropout) needs about twice the steps of rs_unet.
 QUALITY = {
     "monai_unet": {"model_params": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 2},
-                   "steps_per_epoch": 8, "learning_rate": 3e-3, "learning_rate_after_hotstart_50": 3e-4},
+                   "steps_per_epoch": 10, "learning_rate": 3e-3, "learning_rate_after_hotstart_50": 3e-4},
     "rs_unet": {"model_params": {"channels": [8, 16, 32]},
                 "steps_per_epoch": 4, "learning_rate": 1e-3, "learning_rate_after_hotstart_50": 1e-4},
 }
@@ -560,8 +560,9 @@ def test_tiny_model_segments_an_unseen_volume(tmp_path, quality_data, model_type
 
     Hotstart: 50 epochs at the higher rate, then 10 at a tenth of it, which also lets the
     batch-norm running statistics settle before the evaluation (rs_unet: 200 + 40 steps,
-    monai_unet: 400 + 80). Contrast augmentation is off: both volumes come from the same
-    acquisition model, and it slows convergence within so few steps.
+    monai_unet: 500 + 100; with the foreground batch Dice its IoU after 400 + 80 steps was
+    0.795, at the edge of the bar). Contrast augmentation is off: both volumes come from the
+    same acquisition model, and it slows convergence within so few steps.
     """
     settings = QUALITY[model_type]
     config = TrainConfig(
