@@ -448,11 +448,13 @@ class _LabelTask:
         record = self.store.read_complete(self.spec.run_id)
         if record is None:
             return False
-        if overwrite or not self._output_current():
-            if not overwrite:
-                log.warning("%s: run %s was complete but its output is missing or was replaced; "
-                            "recomputing from the start", self.summary.output_url, self.spec.run_id)
+        if not self._output_current():
+            log.warning("%s: run %s was complete but its output is missing or was replaced; "
+                        "recomputing from the start", self.summary.output_url, self.spec.run_id)
             storage.remove(self.store.run_url(self.spec.run_id), self.options)
+            return False
+        if overwrite:  # the phases recompute what they are asked to; the rest stays
+            storage.remove(self.store.run_url(self.spec.run_id, "complete.json"), self.options, recursive=False)
             return False
         log.info("%s is complete (run %s, %s objects); nothing to do (--overwrite recomputes)",
                  self.summary.output_url, self.spec.run_id, record.get("num_objects"))

@@ -209,3 +209,18 @@ def subprocess_pid_that_exited() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def test_inputs_known_by_content_do_not_depend_on_their_url_spelling(tmp_path):
+    from catena_mito.blockwise.runs import describe_inputs
+
+    def spec(model_url: str, raw_url: str) -> RunSpec:
+        inputs = describe_inputs({"model": (model_url, {"kind": "checkpoint", "sha256": "sha256:ab"}),
+                                  "raw": (raw_url, {"kind": "foreign", "shape": [1, 1, 1]})})
+        return RunSpec("t", {"inputs": inputs}, (("p", 1),))
+
+    base = spec(str(tmp_path / "m.pth"), str(tmp_path / "d.zarr"))
+    assert spec(str(tmp_path / "copy" / "m.pth"), str(tmp_path / "d.zarr")).run_id == base.run_id
+    assert spec(str(tmp_path / "m.pth"), str(tmp_path / "x" / ".." / "d.zarr") + "/").run_id == base.run_id
+    assert spec(str(tmp_path / "m.pth"), str(tmp_path / "other.zarr")).run_id != base.run_id
+    assert spec("s3://b/m.pth", "s3://b//d.zarr/").run_id == spec("s3://c/m.pth", "s3://b/d.zarr").run_id

@@ -7,7 +7,7 @@ predict``; label: ``<output_instance_dir>/.catena/label/<output_filename>``)::
                                              description and phases (the "claim")
     R/config.yaml                            the resolved config of the latest start
     R/runs/<id>/<phase>/done/<block>.json    done markers (after the block's data)
-    R/runs/<id>/<phase>/shards/<k>of<n>.json what each shard did: started, finished, stopped
+    R/runs/<id>/<phase>/shards/<k>of<n>.json what each shard did: running, finished, stopped, failed
     R/runs/<id>/<phase>/lease.json           single-process phases: who is running it now
     R/runs/<id>/complete.json                written once every block of every phase is done
 
@@ -76,7 +76,8 @@ class RunSpec:
 
     @cached_property
     def run_id(self) -> str:
-        return fingerprint({"task": self.task, "description": self.description, "phases": self.phases})
+        return fingerprint({"task": self.task, "description": _content_only(self.description),
+                            "phases": self.phases})
 
     def num_blocks(self, phase: str) -> int:
         return dict(self.phases)[phase]
@@ -84,6 +85,28 @@ class RunSpec:
     def record(self) -> dict[str, Any]:
         return normalise({"run_id": self.run_id, "task": self.task, "description": self.description,
                           "phases": [list(p) for p in self.phases]})
+
+
+def _content_only(description: Mapping[str, Any]) -> dict[str, Any]:
+    """The description without the URLs of inputs known by content (a checkpoint's hash,
+    a catena output's run id): the same model or prediction at another path, or spelt
+    another way, is the same input. A foreign volume is known by cheap metadata only, so
+    its (normalised) URL stays part of its identity."""
+    out = dict(description)
+    inputs = out.get("inputs")
+    if isinstance(inputs, Mapping):
+        out["inputs"] = {name: ({k: v for k, v in ident.items() if k != "url"}
+                                if isinstance(ident, Mapping) and ident.get("kind") in ("checkpoint", "catena")
+                                else ident)
+                         for name, ident in inputs.items()}
+    return out
+
+
+def normalise_url(url: str) -> str:
+    """One spelling per location: absolute local paths, no ``..``, ``.``, ``//`` or trailing ``/``."""
+    scheme, path = _split(url)
+    path = posixpath.normpath(path)
+    return f"{scheme}{path.lstrip('/')}" if scheme else path
 
 
 def utc(timestamp: float | None) -> str | None:
@@ -497,7 +520,7 @@ def stale_inputs(claim: Mapping[str, Any], storage_options: Any) -> list[str]:
 
 def describe_inputs(inputs: Mapping[str, tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
     """``{name: identity + url}`` for a run description (URLs redacted)."""
-    return {name: {**dict(ident), "url": storage.redact_url(url)} for name, (url, ident) in inputs.items()}
+    return {name: {**dict(ident), "url": normalise_url(storage.redact_url(url))} for name, (url, ident) in inputs.items()}
 
 
 def first_phase_fix(first_phase_cmd: str) -> str:
