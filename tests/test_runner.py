@@ -169,7 +169,7 @@ def test_a_lease_of_a_dead_process_is_taken_over_and_a_live_one_refused(monkeypa
     from catena_mito.blockwise import runs
     from catena_mito.errors import PhaseError
 
-    monkeypatch.setattr(runs, "LEASE_STALE_SECONDS", 1.0)
+    monkeypatch.setattr(runs, "LEASE_STALE_SECONDS", 3.0)
     monkeypatch.setattr(runs, "LEASE_HEARTBEAT_SECONDS", 0.2)
     store = RunStore(str(tmp_path / "rec"))
     url = store.run_url("r", "merge", "lease.json")
@@ -178,7 +178,7 @@ def test_a_lease_of_a_dead_process_is_taken_over_and_a_live_one_refused(monkeypa
     t0 = time.monotonic()
     with runs.Lease(store, "r", "merge", "the merge"):
         assert storage.read_json(url)["pid"] == os.getpid()
-    assert time.monotonic() - t0 < 0.9  # at once: its process is gone
+    assert time.monotonic() - t0 < 2.5  # at once: its process is gone
     assert not storage.exists(url)  # released
 
     stop = threading.Event()
@@ -198,7 +198,7 @@ def test_a_lease_of_a_dead_process_is_taken_over_and_a_live_one_refused(monkeypa
     finally:
         stop.set()
         owner.join()
-    with runs.Lease(store, "r", "merge", "the merge"):  # its heartbeat stopped: stale after 1 s
+    with runs.Lease(store, "r", "merge", "the merge"):  # its heartbeat stopped: stale after 3 s
         pass
 
 

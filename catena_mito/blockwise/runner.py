@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -117,6 +118,7 @@ def run_phase(
     try:
         with signals.stoppable(), Progress(len(todo), desc) as bar:
             def finish(block: Block, output: Any) -> None:
+                guard.writing(block.index)
                 info = steps.write(block, output)
                 if markers is not None:
                     markers.mark_done(block.index, {"shard": shard_index, "num_shards": num_shards,
@@ -147,11 +149,19 @@ class _OwnerGuard:
 
     def __init__(self, store: RunStore | None, spec: RunSpec | None, phase: str):
         self.store, self.spec, self.phase = store, spec, phase
+        self.in_flight: set[int] = set()
         self.written: list[int] = []
+        self.lock = threading.Lock()
         self.last = time.monotonic()
 
+    def writing(self, index: int) -> None:
+        with self.lock:
+            self.in_flight.add(index)
+
     def wrote(self, index: int) -> None:
-        self.written.append(index)
+        with self.lock:
+            self.in_flight.discard(index)
+            self.written.append(index)
 
     def check(self, final: bool = False) -> None:
         if self.store is None or self.spec is None:
@@ -159,13 +169,18 @@ class _OwnerGuard:
         if not final and time.monotonic() - self.last < VERIFY_SECONDS:
             return
         self.last = time.monotonic()
+        with self.lock:
+            seen = len(self.written)  # writes that finished before this look at the claim
         owner = self.store.verify_owner(self.spec.run_id)
         if owner is None:
-            self.written.clear()
+            with self.lock:
+                del self.written[:seen]
             return
         new_id = owner.get("run_id")
+        with self.lock:
+            suspects = sorted(set(self.written) | self.in_flight)
         if new_id:  # our writes since the last check may have landed over the new run's blocks
-            self.store.markers(str(new_id), self.phase).clear(self.written)
+            self.store.markers(str(new_id), self.phase).clear(suspects)
         raise RunMismatchError(
             f"{self.store.shown} was claimed by run {new_id or '(none: its record was removed)'} while "
             f"this shard of run {self.spec.run_id} ran; stopped (the blocks this shard wrote since are "
