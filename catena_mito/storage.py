@@ -22,6 +22,7 @@ import posixpath
 import random
 import re
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -511,7 +512,8 @@ def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None
         if is_local(url):
             directory = os.path.dirname(os.path.abspath(path))
             os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+            # unique per writer: threads of one process may write the same file at once
+            tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
