@@ -37,7 +37,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -521,13 +521,3 @@ def stale_inputs(claim: Mapping[str, Any], storage_options: Any) -> list[str]:
 def describe_inputs(inputs: Mapping[str, tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
     """``{name: identity + url}`` for a run description (URLs redacted)."""
     return {name: {**dict(ident), "url": normalise_url(storage.redact_url(url))} for name, (url, ident) in inputs.items()}
-
-
-def first_phase_fix(first_phase_cmd: str) -> str:
-    return f"run {first_phase_cmd} with this config first (with --overwrite to replace the other run)"
-
-
-__all__: Sequence[str] = (
-    "RunSpec", "RunStore", "PhaseProgress", "Lease", "check_input", "array_identity",
-    "checkpoint_identity", "describe_inputs", "relative_url", "resolve_url", "utc",
-)
