@@ -114,10 +114,10 @@ def test_a_run_that_loses_its_claim_stops_and_unmarks_what_it_wrote(monkeypatch)
     new_markers = store.markers(new.run_id, "work")
 
     def hook(block):
-        if block.index == 4:  # another run takes the output over (--overwrite elsewhere) ...
-            store.claim(new, overwrite=True)
-            for i in range(GRID.num_blocks):  # ... and has marked every block done meanwhile
+        if block.index == 4:  # another run has marked every block done (its markers first, so
+            for i in range(GRID.num_blocks):  # the old run cannot see the claim before them) ...
                 new_markers.mark_done(i)
+            store.claim(new, overwrite=True)  # ... and takes the output over (--overwrite elsewhere)
 
     with pytest.raises(RunMismatchError, match=f"claimed by run {new.run_id} while this shard of run {old.run_id}"):
         run_phase(store, old, "work", GRID.blocks(), vol.steps(False, hook=hook), threads=1)
