@@ -1063,6 +1063,12 @@ def label(
     started = time.perf_counter()
     if phase == "all":
         with Lease(task.store, task.spec.run_id, "all", f"label --phase all of {task.store.shown}"):
+            if overwrite:
+                # every phase is recomputed: drop their markers now, or the markers of later
+                # phases left by an earlier run of single phases would let the run count as
+                # complete (without its object counts) as soon as the first phase is done
+                for name, _ in task.spec.phases:
+                    storage.remove(task.url(name, "done"), task.options)
             task.run_blocks(0, 1, overwrite)
             task.run_merge(overwrite, wait_timeout)
             if task.instances:
