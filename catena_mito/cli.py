@@ -112,10 +112,10 @@ def cli(debug: bool) -> None:
 @cli.command()
 @_log_options
 @click.argument("out", metavar="OUT_URL")
-@click.option("--shape", nargs=3, type=int, default=(128, 128, 128), show_default=True, help="Volume shape Z Y X (voxels).")
+@click.option("--shape", nargs=3, type=click.IntRange(min=1), default=(128, 128, 128), show_default=True, help="Volume shape Z Y X (voxels).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed: the same seed gives the same volume.")
 @click.option("--resolution", nargs=3, type=float, default=(8.0, 8.0, 8.0), show_default=True, help="Voxel size Z Y X (nm).")
-@click.option("--chunks", nargs=3, type=int, default=(64, 64, 64), show_default=True, help="Zarr chunk shape Z Y X.")
+@click.option("--chunks", nargs=3, type=click.IntRange(min=1), default=(64, 64, 64), show_default=True, help="Zarr chunk shape Z Y X.")
 def synth(out: str, shape: tuple[int, int, int], seed: int, resolution: tuple[float, float, float], chunks: tuple[int, int, int]) -> None:
     """Write a synthetic FIB-SEM-like dataset with known mitochondria to OUT_URL (a Zarr group)."""
     from catena_mito.synthetic import write_synthetic_dataset
@@ -199,7 +199,9 @@ def evaluate(gt: str, prediction: str | None, instances: str | None, threshold: 
     """Score probabilities (Dice/IoU) and instances (precision, recall, F1, AP) against ground truth.
 
     Reads block by block, so volumes of any size fit. AP at IoU t is TP / (TP + FP + FN)
-    with one-to-one matching (StarDist/Cellpose convention); mean AP averages t = 0.50:0.05:0.95.
+    with optimal one-to-one matching (StarDist/Cellpose convention, exact at any t in (0, 1]);
+    mean AP averages t = 0.50:0.05:0.95. Also the MitoEM challenge's AP-75 and COCO's mAP
+    (predictions ranked by size).
     """
     from catena_mito.evaluate import evaluate as run
     from catena_mito.evaluate import format_report, write_report
