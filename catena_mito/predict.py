@@ -78,7 +78,7 @@ MARKER_TASK = "predict"
 RECORD_DIR = ".catena/predict"
 #: Bumped whenever a change in this module or in inference/preprocess changes the values
 #: predict writes, so outputs of an older algorithm never pass as current.
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2  # 2: anti-aliased down-sampling (preprocess.GridMap)
 
 
 # --- settings resolved from the config and the checkpoint -----------------------------------
