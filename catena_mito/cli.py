@@ -252,11 +252,13 @@ def import_cmd(source: str, to: str, as_: str, resolution: tuple[float, float, f
 @click.argument("array", metavar="ARRAY_URL")
 @click.argument("out", metavar="OUT_TIFF_URL")
 @click.option("--max-gib", type=float, default=None, help="Refuse volumes above this size (default: a quarter of the free memory).")
-def export(array: str, out: str, max_gib: float | None) -> None:
-    """Write a Zarr array as a multi-page TIFF with its resolution (the volume must fit in memory)."""
+@click.option("--ids", type=click.Choice(["uint16", "float32"]), default="uint16", show_default=True,
+              help="Integers beyond 16 bits (instance ids): uint16 refuses them, float32 writes them exactly up to 2^24. Ids are never renumbered.")
+def export(array: str, out: str, max_gib: float | None, ids: str) -> None:
+    """Write a Zarr array as a Fiji-ready ImageJ TIFF hyperstack with its voxel size, unit and origin (the volume must fit in memory)."""
     from catena_mito.convert import export_tiff
 
-    export_tiff(array, out, max_bytes=int(max_gib * 2**30) if max_gib is not None else None)
+    export_tiff(array, out, max_bytes=int(max_gib * 2**30) if max_gib is not None else None, ids=ids)
     click.echo(f"wrote {out}")
 
 
