@@ -262,6 +262,23 @@ def export(array: str, out: str, max_gib: float | None, ids: str) -> None:
     click.echo(f"wrote {out}")
 
 
+@cli.command("export-model")
+@_log_options
+@click.argument("checkpoint", metavar="CKPT_URL")
+@click.argument("out", metavar="OUT_URL")
+@click.option("--onnx", is_flag=True, help="Also write model.onnx (needs the onnx package; checked with onnxruntime when installed).")
+@click.option("--overwrite", is_flag=True, help="Replace an export already in OUT_URL.")
+def export_model(checkpoint: str, out: str, onnx: bool, overwrite: bool) -> None:
+    """Write a checkpoint as TorchScript (model.pt, which predict takes as model_path), optionally
+    ONNX, and a model card (model_card.json, README.md) into the folder OUT_URL."""
+    from catena_mito.model_export import export_model as run
+
+    card = run(checkpoint, out, onnx=onnx, overwrite=overwrite)
+    check = card["verification"]
+    click.echo(f"wrote {', '.join(card['files'])} to {out} (max |probability difference| vs the checkpoint: "
+               f"TorchScript {check['torchscript']:.3g}" + (f", ONNX {check['onnx']:.3g}" if check.get("onnx") is not None else "") + ")")
+
+
 @cli.command()
 @_log_options
 @click.argument("dataset", metavar="DATASET_URL", required=False)
