@@ -15,7 +15,7 @@ Conventions (documented in ``docs/tuning.md`` and the ``evaluate`` help):
   choosing the matching with the most pairs (then the largest total IoU). For ``t > 0.5``
   the candidate pairs are already one-to-one (two objects cannot both cover more than
   half of a third); for ``t <= 0.5`` an object may have several candidates and the optimum
-  is found exactly by linear assignment per connected group of candidates
+  is found exactly by a sparse linear assignment of the candidate pairs
   (:func:`match_instances`), so every threshold in (0, 1] is exact.
   With ``TP`` matches, ``FP = n_pred - TP``, ``FN = n_gt - TP``:
   precision ``TP / (TP + FP)``, recall ``TP / (TP + FN)``, F1 ``2TP / (2TP + FP + FN)``
@@ -221,12 +221,11 @@ def match_instances(tables: dict[str, np.ndarray], threshold: float) -> tuple[np
     total IoU. For ``threshold > 0.5`` every object has at most one candidate, so the
     candidate pairs are the answer. At ``threshold <= 0.5`` a ground-truth object can have
     several candidates (a mitochondrion split into two halves has IoU 0.5 with each), and a
-    greedy pick by IoU can lose matches; the candidates are therefore split into connected
-    components of their bipartite graph and each component with more than one pair is
-    solved exactly by a linear assignment (:func:`scipy.optimize.linear_sum_assignment`)
-    with weight ``BIG + IoU`` per candidate pair and 0 elsewhere, ``BIG`` larger than any
-    sum of IoUs, so that the count comes first. The work grows with the candidate pairs of
-    each component, not with the number of objects. Deterministic: ids are sorted.
+    greedy pick by IoU can lose matches; the pairs that share an object with another pair
+    are therefore solved exactly by one *sparse* linear assignment
+    (:func:`scipy.sparse.csgraph.min_weight_full_bipartite_matching`, see
+    :func:`_assign_optimal`), whose work grows with the candidate pairs, not with the
+    square of the objects. Deterministic: ids are sorted.
     Returned sorted by ground-truth id.
     """
     ious = pair_ious(tables)
@@ -242,40 +241,42 @@ def match_instances(tables: dict[str, np.ndarray], threshold: float) -> tuple[np
     chosen = [np.flatnonzero(single)]
     rest = np.flatnonzero(~single)
     if rest.size:
-        chosen.append(_assign_components(gi[rest], pi[rest], iou[rest], len(ug), len(up), rest))
+        chosen.append(rest[_assign_optimal(gi[rest], pi[rest], iou[rest])])
     sel = np.concatenate(chosen)
     sel = sel[np.argsort(g[sel], kind="stable")]
     return g[sel].astype(np.uint64), p[sel].astype(np.uint64), iou[sel].astype(np.float64)
 
 
-def _assign_components(
-    gi: np.ndarray, pi: np.ndarray, iou: np.ndarray, n_gt: int, n_pred: int, index: np.ndarray
-) -> np.ndarray:
-    """Indices (into ``index``) of the optimal matching of candidate pairs ``(gi, pi)``."""
-    from scipy.optimize import linear_sum_assignment
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+def _assign_optimal(gi: np.ndarray, pi: np.ndarray, iou: np.ndarray) -> np.ndarray:
+    """Indices of the pairs ``(gi[k], pi[k])`` in a matching with the most pairs, then the
+    largest total IoU, by one sparse linear assignment (LAPJVsp).
 
-    # One graph over gt nodes 0..n_gt-1 and prediction nodes n_gt..n_gt+n_pred-1.
-    n = n_gt + n_pred
-    graph = coo_matrix((np.ones(len(gi)), (gi, pi + n_gt)), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
-    pair_component = component[gi]
-    order = np.argsort(pair_component, kind="stable")
-    bounds = np.flatnonzero(np.diff(pair_component[order])) + 1
-    out: list[np.ndarray] = []
-    for members in np.split(order, bounds):
-        rows, r_inv = np.unique(gi[members], return_inverse=True)
-        cols, c_inv = np.unique(pi[members], return_inverse=True)
-        big = float(min(len(rows), len(cols)) + 1)  # > any total IoU of a matching
-        weight = np.zeros((len(rows), len(cols)))
-        weight[r_inv.ravel(), c_inv.ravel()] = big + iou[members]
-        pair_at = np.full((len(rows), len(cols)), -1, np.int64)
-        pair_at[r_inv.ravel(), c_inv.ravel()] = members
-        r, c = linear_sum_assignment(weight, maximize=True)
-        picked = pair_at[r, c]
-        out.append(index[picked[picked >= 0]])  # an assignment may fill up with non-pairs
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
+    The solver needs a *full* matching, so the graph gets a dummy partner per object: row
+    ``g`` may go to its dummy column, column ``p`` to its dummy row, and the dummy of ``p``
+    to the dummy of ``g`` for every candidate pair (so a pair taken leaves both dummies a
+    partner). With dummy edges costing ``D = B + 2``, dummy-to-dummy 1 and a pair
+    ``B + 3 - IoU``, each pair taken changes the total by ``-(B + IoU)``: with ``B`` above
+    any total IoU, the count comes first. Every cost is positive (the solver drops zeros).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    rows, r_inv = np.unique(gi, return_inverse=True)
+    cols, c_inv = np.unique(pi, return_inverse=True)
+    r_inv, c_inv = r_inv.ravel(), c_inv.ravel()
+    n_r, n_c = len(rows), len(cols)
+    big = float(min(n_r, n_c) + 1)
+    # Rows: objects 0..n_r-1, then the dummies of the columns; columns: objects, then the
+    # dummies of the rows.
+    ar_r, ar_c = np.arange(n_r), np.arange(n_c)
+    i = np.concatenate([r_inv, ar_r, n_r + ar_c, n_r + c_inv])
+    j = np.concatenate([c_inv, n_c + ar_r, ar_c, n_c + r_inv])
+    w = np.concatenate([big + 3.0 - iou, np.full(n_r + n_c, big + 2.0), np.ones(len(iou))])
+    graph = coo_matrix((w, (i, j)), shape=(n_r + n_c, n_c + n_r)).tocsr()  # duplicates: none
+    row_ind, col_ind = min_weight_full_bipartite_matching(graph)
+    real = (row_ind < n_r) & (col_ind < n_c)
+    pair_at = {(int(a), int(b)): k for k, (a, b) in enumerate(zip(r_inv, c_inv))}
+    return np.array(sorted(pair_at[(int(a), int(b))] for a, b in zip(row_ind[real], col_ind[real])), np.int64)
 
 
 # --- ranked average precision (MitoEM challenge, COCO) --------------------------------------
