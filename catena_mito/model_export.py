@@ -17,8 +17,10 @@ is ``(N, 1, z, y, x)`` float32 preprocessed as the card says, its output the log
 Every export is checked before anything is written: the exported model and the
 checkpoint's model predict two random patches, and the largest difference of their
 probabilities must stay within :data:`TORCHSCRIPT_TOLERANCE` (TorchScript, measured 0:
-bitwise equal on CPU) and :data:`ONNX_TOLERANCE` (ONNX Runtime, when installed; its
-kernels round differently, about 1e-6). The measured differences go into the card.
+bitwise equal on CPU) and, for ONNX under ONNX Runtime (when installed, which rounds in
+another order), :data:`ONNX_TOLERANCE` plus twice PyTorch's own float32 error on those
+patches (float32 against float64: about 1e-6 for a well-scaled model, but 5e-4 for an
+untrained rs_unet whose logits reach 900). The measured differences go into the card.
 
 Loading an exported model runs TorchScript, which is not restricted the way
 ``torch.load(weights_only=True)`` is: load exported models you trust, like code.
@@ -216,6 +218,16 @@ def _onnx_difference(data: bytes, x: Any, reference: np.ndarray, targets: list[s
     return float(np.abs(probabilities(logits, targets).numpy() - reference).max())
 
 
+def _float32_error(model: Any, x: Any, reference: np.ndarray, targets: list[str]) -> float:
+    """Max |Δ probability| of PyTorch float32 against the same model in float64."""
+    import copy
+
+    import torch
+
+    wide = copy.deepcopy(model).double()
+    return float(np.abs(_probabilities(wide, x.to(torch.float64), targets) - reference).max())
+
+
 def export_model(
     ckpt_url: str,
     out_url: str,
@@ -265,9 +277,16 @@ def export_model(
     if onnx:
         onnx_data = _onnx_bytes(model, x)
         onnx_diff = _onnx_difference(onnx_data, x, reference, targets)
-        if onnx_diff is not None and onnx_diff > ONNX_TOLERANCE:
-            raise CheckpointError(f"the ONNX export differs from the checkpoint by {onnx_diff:.3g} (> {ONNX_TOLERANCE})")
-        verification.update(onnx=onnx_diff, onnx_tolerance=ONNX_TOLERANCE)
+        # Another runtime sums in another order: it may differ from PyTorch by about as much
+        # as float32 itself is off, which for badly scaled logits exceeds ONNX_TOLERANCE.
+        fp32_error = _float32_error(model, x, reference, targets)
+        allowed = ONNX_TOLERANCE + 2.0 * fp32_error
+        if onnx_diff is not None and onnx_diff > allowed:
+            raise CheckpointError(
+                f"the ONNX export differs from the checkpoint by {onnx_diff:.3g} (> {allowed:.3g}: "
+                f"{ONNX_TOLERANCE:g} + twice PyTorch's own float32 error {fp32_error:.3g})"
+            )
+        verification.update(onnx=onnx_diff, onnx_tolerance=allowed, float32_error=fp32_error)
     card["verification"] = verification
     card["files"] = [TORCHSCRIPT_NAME] + ([ONNX_NAME] if onnx else []) + [CARD_NAME, README_NAME]
     card_bytes = json.dumps(card, indent=1, sort_keys=True).encode()
