@@ -270,6 +270,16 @@ def load_checkpoint(
         code or objects that ``weights_only`` loading refuses (never retried unsafely);
         required keys are missing; the format version or ``model_type`` is unknown.
     """
+    return _validate_payload(read_weights_file(url, storage_options, map_location), redact_url(url))
+
+
+def read_weights_file(url: str, storage_options: dict | None = None, map_location: Any = "cpu") -> Any:
+    """Whatever ``torch.load(..., weights_only=True)`` reads from ``url``, unvalidated: a
+    catena-mito checkpoint, a bare state dict or another tool's checkpoint dict.
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint`, except for the checks of the content.
+    """
     shown = redact_url(url)  # never a user:password@ part in messages
     try:
         fs, path = fsspec.core.url_to_fs(url, **resolve_storage_options(url, storage_options))
@@ -305,7 +315,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint {shown} is truncated or corrupt ({type(e).__name__}: {first})"
         ) from e
-    return _validate_payload(payload, shown)
+    return payload
 
 
 # --------------------------------------------------------------------------- weights
@@ -313,11 +323,28 @@ def load_checkpoint(
 
 @dataclass
 class LoadReport:
-    """What :func:`load_weights_into` loaded (tensor names) and what it left out."""
+    """What :func:`load_weights_into` loaded (tensor names, the model's) and what it left out.
+
+    ``layout`` says where the state dict was found (``"state_dict"``, ``"model"``,
+    ``"bare state dict"`` …) and ``renamed`` which name prefix was removed (or ``None``).
+    """
 
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    layout: str = "state_dict"
+    renamed: str | None = None
+
+    def describe(self, source: str) -> str:
+        """One log block: the counts on the first line, the names left out below it."""
+        how = self.layout + (f", prefix {self.renamed!r} removed" if self.renamed else "")
+        lines = [f"{source} ({how}): {len(self.loaded)} tensors loaded, {len(self.missing)} missing, "
+                 f"{len(self.unexpected)} unexpected"]
+        if self.missing:
+            lines.append(f"  missing (keep their initial values): {_few(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  unexpected (ignored): {_few(self.unexpected)}")
+        return "\n".join(lines)
 
 
 def _few(names: list[str]) -> str:
@@ -325,30 +352,81 @@ def _few(names: list[str]) -> str:
     return f"{shown}, … ({len(names)} in all)" if len(names) > _NAMES_SHOWN else shown
 
 
-def _state_dict_of(ckpt: Mapping[str, Any]) -> Mapping[str, Any]:
-    if "state_dict" in ckpt:
-        state = ckpt["state_dict"]
-    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        state = ckpt  # a bare state_dict, accepted for fine-tuning from older weights
-    else:
-        raise CheckpointError("checkpoint has no 'state_dict'")
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"checkpoint state_dict is a {_type_name(state)}, expected a dict")
-    return state
+#: Keys under which checkpoints of other tools keep the model's state dict, tried in this
+#: order: ours and PyTorch Lightning's, then common training-script layouts, nnU-Net's.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "network_weights", "module")
+#: Name prefixes other tools add: DataParallel/DDP, Lightning modules, torch.compile.
+STRIP_PREFIXES = ("module.", "model.", "net.", "network.", "_orig_mod.")
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+    )
+
+
+def find_state_dict(obj: Any) -> tuple[Mapping[str, Any], str]:
+    """``(state_dict, layout)`` of a loaded checkpoint of any common layout.
+
+    A bare state dict (tensors by name), or a dict holding one under a key of
+    :data:`STATE_DICT_KEYS`, up to two levels deep (``{"model": {"state_dict": …}}``).
+
+    Raises:
+        CheckpointError: naming the top-level keys when none of them holds a state dict.
+    """
+    if _is_state_dict(obj):
+        return obj, "bare state dict"
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint holds a {_type_name(obj)}, not a state dict or a dict with one")
+    for key in STATE_DICT_KEYS:
+        inner = obj.get(key)
+        if _is_state_dict(inner):
+            return inner, key
+        if isinstance(inner, Mapping):
+            for key2 in STATE_DICT_KEYS:
+                if _is_state_dict(inner.get(key2)):
+                    return inner[key2], f"{key}.{key2}"
+    if "state_dict" in obj and not isinstance(obj["state_dict"], Mapping):
+        raise CheckpointError(f"checkpoint state_dict is a {_type_name(obj['state_dict'])}, expected a dict")
+    keys = ", ".join(repr(k) for k in list(obj)[:8])
+    raise CheckpointError(
+        f"checkpoint has no state dict (top-level keys: {keys}); expected a bare state dict or one "
+        f"under {', '.join(repr(k) for k in STATE_DICT_KEYS)}"
+    )
+
+
+def _match_names(state: Mapping[str, Any], own: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """``state`` with the one prefix of :data:`STRIP_PREFIXES` removed (repeatedly, as
+    ``module.model.``) that makes the most names match ``own``; unchanged if none helps."""
+    best, best_prefix = dict(state), None
+    best_hits = sum(k in own for k in best)
+    for prefix in STRIP_PREFIXES:
+        renamed = {}
+        for k, v in state.items():
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+            renamed[k] = v
+        hits = sum(k in own for k in renamed)
+        if hits > best_hits and len(renamed) == len(state):  # never merge two tensors into one
+            best, best_prefix, best_hits = renamed, prefix, hits
+    return best, best_prefix
 
 
 def load_weights_into(model: nn.Module, ckpt: Mapping[str, Any], *, strict: bool = True) -> LoadReport:
     """Copy the checkpoint's weights into ``model``, failing loudly on any mismatch.
 
-    ``strict=True``: every tensor name and shape must match exactly. ``strict=False``:
-    missing and unexpected names are allowed and logged as a warning, but shape mismatches
-    are still errors and at least one tensor must load — never a silent partial load.
+    ``ckpt`` is any layout :func:`find_state_dict` knows; names carrying another tool's
+    prefix (``module.`` …) are matched without it. ``strict=True``: every tensor name and
+    shape must match exactly. ``strict=False``: missing and unexpected names are allowed
+    and logged as a warning, but shape mismatches are still errors and at least one tensor
+    must load — never a silent partial load.
 
     Raises:
         CheckpointError: naming a few missing / unexpected / mismatched tensors.
     """
-    state = _state_dict_of(ckpt)
+    raw, layout = find_state_dict(ckpt)
     own = model.state_dict()
+    state, prefix = _match_names(raw, own)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [
@@ -367,16 +445,53 @@ def load_weights_into(model: nn.Module, ckpt: Mapping[str, Any], *, strict: bool
     if not loaded:
         problems.append("no tensor name of the model is in the checkpoint")
     if problems:
+        hint = "; set model_loc_strict: false to load a part" if strict and not mismatched and loaded else ""
         raise CheckpointError(
-            f"checkpoint weights do not fit {type(model).__name__}: " + "; ".join(problems)
+            f"checkpoint weights do not fit {type(model).__name__}: " + "; ".join(problems) + hint
         )
+    report = LoadReport(loaded=loaded, missing=missing, unexpected=unexpected, layout=layout, renamed=prefix)
     if missing or unexpected:
-        log.warning(
-            "partial weight load (strict=False): %d tensors loaded, %d missing (%s), %d unexpected (%s)",
-            len(loaded), len(missing), _few(missing), len(unexpected), _few(unexpected),
-        )
+        log.warning("partial weight load (strict=False): %s", report.describe("checkpoint"))
     model.load_state_dict({k: state[k] for k in loaded}, strict=strict)
-    return LoadReport(loaded=loaded, missing=missing, unexpected=unexpected)
+    return report
+
+
+def load_pretrained(
+    model: nn.Module,
+    url: str,
+    storage_options: dict | None = None,
+    *,
+    model_type: str | None = None,
+    strict: bool = True,
+    field_name: str = "model_loc",
+) -> LoadReport:
+    """Load the weights of ``url`` into ``model`` for fine-tuning, and log what loaded.
+
+    ``url`` may hold a catena-mito checkpoint (its ``model_type`` must then be
+    ``model_type``), a bare state dict, or another tool's checkpoint (see
+    :func:`find_state_dict`); always read with ``weights_only=True``. The log block names
+    the layout, the counts of loaded / missing / unexpected tensors and the first names
+    of the last two.
+
+    Raises:
+        CheckpointError: prefixed with ``field_name`` and the URL: unreadable or unsafe
+        file, another model type, or weights that do not fit (see :func:`load_weights_into`).
+    """
+    shown = redact_url(url)
+    try:
+        payload = read_weights_file(url, storage_options)
+        if isinstance(payload, Mapping) and "format_version" in payload and "model_type" in payload:
+            payload = _validate_payload(payload, shown)  # ours: all of its checks
+            if model_type is not None and payload["model_type"] != model_type:
+                raise CheckpointError(
+                    f"{shown} holds a {payload['model_type']!r} model but model_type is {model_type!r}"
+                )
+        report = load_weights_into(model, payload, strict=strict)
+    except CheckpointError as e:
+        message = str(e) if shown in str(e) else f"{shown}: {e}"
+        raise CheckpointError(f"{field_name}: {message}") from e
+    log.info("%s", report.describe(f"{field_name} {shown}"))
+    return report
 
 
 def build_model_from_checkpoint(ckpt: Mapping[str, Any]) -> nn.Module:

@@ -112,10 +112,10 @@ def cli(debug: bool) -> None:
 @cli.command()
 @_log_options
 @click.argument("out", metavar="OUT_URL")
-@click.option("--shape", nargs=3, type=int, default=(128, 128, 128), show_default=True, help="Volume shape Z Y X (voxels).")
+@click.option("--shape", nargs=3, type=click.IntRange(min=1), default=(128, 128, 128), show_default=True, help="Volume shape Z Y X (voxels).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed: the same seed gives the same volume.")
 @click.option("--resolution", nargs=3, type=float, default=(8.0, 8.0, 8.0), show_default=True, help="Voxel size Z Y X (nm).")
-@click.option("--chunks", nargs=3, type=int, default=(64, 64, 64), show_default=True, help="Zarr chunk shape Z Y X.")
+@click.option("--chunks", nargs=3, type=click.IntRange(min=1), default=(64, 64, 64), show_default=True, help="Zarr chunk shape Z Y X.")
 def synth(out: str, shape: tuple[int, int, int], seed: int, resolution: tuple[float, float, float], chunks: tuple[int, int, int]) -> None:
     """Write a synthetic FIB-SEM-like dataset with known mitochondria to OUT_URL (a Zarr group)."""
     from catena_mito.synthetic import write_synthetic_dataset
@@ -200,7 +200,9 @@ def evaluate(gt: str, prediction: str | None, instances: str | None, threshold: 
     """Score probabilities (Dice/IoU) and instances (precision, recall, F1, AP) against ground truth.
 
     Reads block by block, so volumes of any size fit. AP at IoU t is TP / (TP + FP + FN)
-    with one-to-one matching (StarDist/Cellpose convention); mean AP averages t = 0.50:0.05:0.95.
+    with optimal one-to-one matching (StarDist/Cellpose convention, exact at any t in (0, 1]);
+    mean AP averages t = 0.50:0.05:0.95. Also the MitoEM challenge's AP-75 and COCO's mAP
+    (predictions ranked by size).
     """
     from catena_mito.evaluate import evaluate as run
     from catena_mito.evaluate import format_report, write_report
@@ -251,12 +253,31 @@ def import_cmd(source: str, to: str, as_: str, resolution: tuple[float, float, f
 @click.argument("array", metavar="ARRAY_URL")
 @click.argument("out", metavar="OUT_TIFF_URL")
 @click.option("--max-gib", type=float, default=None, help="Refuse volumes above this size (default: a quarter of the free memory).")
-def export(array: str, out: str, max_gib: float | None) -> None:
-    """Write a Zarr array as a multi-page TIFF with its resolution (the volume must fit in memory)."""
+@click.option("--ids", type=click.Choice(["uint16", "float32"]), default="uint16", show_default=True,
+              help="Integers beyond 16 bits (instance ids): uint16 refuses them, float32 writes them exactly up to 2^24. Ids are never renumbered.")
+def export(array: str, out: str, max_gib: float | None, ids: str) -> None:
+    """Write a Zarr array as a Fiji-ready ImageJ TIFF hyperstack with its voxel size, unit and origin (the volume must fit in memory)."""
     from catena_mito.convert import export_tiff
 
-    export_tiff(array, out, max_bytes=int(max_gib * 2**30) if max_gib is not None else None)
+    export_tiff(array, out, max_bytes=int(max_gib * 2**30) if max_gib is not None else None, ids=ids)
     click.echo(f"wrote {out}")
+
+
+@cli.command("export-model")
+@_log_options
+@click.argument("checkpoint", metavar="CKPT_URL")
+@click.argument("out", metavar="OUT_URL")
+@click.option("--onnx", is_flag=True, help="Also write model.onnx (needs the onnx package; checked with onnxruntime when installed).")
+@click.option("--overwrite", is_flag=True, help="Replace an export already in OUT_URL.")
+def export_model(checkpoint: str, out: str, onnx: bool, overwrite: bool) -> None:
+    """Write a checkpoint as TorchScript (model.pt, which predict takes as model_path), optionally
+    ONNX, and a model card (model_card.json, README.md) into the folder OUT_URL."""
+    from catena_mito.model_export import export_model as run
+
+    card = run(checkpoint, out, onnx=onnx, overwrite=overwrite)
+    check = card["verification"]
+    click.echo(f"wrote {', '.join(card['files'])} to {out} (max |probability difference| vs the checkpoint: "
+               f"TorchScript {check['torchscript']:.3g}" + (f", ONNX {check['onnx']:.3g}" if check.get("onnx") is not None else "") + ")")
 
 
 @cli.command()

@@ -141,7 +141,8 @@ class TrainConfig(JobConfig, _PatchFields):
     misalignment_prob: float = Field(0.0, ge=0, le=1, description="Beyond the design. EM augmentation: probability that the sections from a random z on are shifted in-plane by up to 8 % of the patch (serial-section misalignment); image and label together.")
     blur_prob: float = Field(0.0, ge=0, le=1, description="Beyond the design. EM augmentation: probability of an in-plane Gaussian blur (sigma 0.5-1.5 voxels) of one or a few z sections (out-of-focus sections). Image only.")
     elastic_prob: float = Field(0.0, ge=0, le=1, description="Beyond the design. EM augmentation: probability of a smooth in-plane elastic deformation (displacement up to 3 voxels); image linear, label nearest.")
-    model_loc: str | None = Field(None, description="Fine-tune from this checkpoint's weights (layers must match exactly).")
+    model_loc: str | None = Field(None, description="Fine-tune from these weights: a catena-mito checkpoint, a bare state dict, or another tool's checkpoint (the state dict under `state_dict`, `model_state_dict`, `model`, `net`, `network`, `network_weights` or `module`; `module.`/`model.`/`_orig_mod.` name prefixes removed). Read with `weights_only=True`; the log names the tensors loaded, missing and unexpected.")
+    model_loc_strict: bool = Field(True, description="Beyond the design. With `model_loc`: every tensor of the model must be in the file and every tensor of the file in the model (names and shapes). `false` allows a partial load (e.g. a new output layer): missing tensors keep their initial values, unexpected ones are ignored, both are listed in the log; shapes must still match and at least one tensor must load. Only with `model_loc`.")
     resume_checkpoint: str | None = Field(None, description="Continue a run exactly where it stopped (epoch, optimiser, RNG). `auto`: from `<runs_dir>/<exp_name>/last.pth` if it exists, else start a new run (for retried pods and requeued jobs).")
     freeze_encoder: bool = Field(False, description="Freeze the encoder parameters (for transfer learning with `model_loc`; without `model_loc` a random encoder is frozen, which is logged as a warning).")
     model_type: ModelType = Field("monai_unet", description="Backbone: `monai_unet` (MONAI UNet) or `rs_unet` (residual symmetric U-Net).")
@@ -158,6 +159,12 @@ class TrainConfig(JobConfig, _PatchFields):
         if isinstance(v, bool):
             raise ValueError("expected a number (foreground factor) or a list [background, foreground]")
         return v
+
+    @model_validator(mode="after")
+    def _strict_needs_model_loc(self):
+        if not self.model_loc_strict and not self.model_loc:
+            raise ValueError("model_loc_strict: false needs model_loc (it says how model_loc loads)")
+        return self
 
     @model_validator(mode="after")
     def _schedule_fields(self):

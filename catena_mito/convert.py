@@ -16,8 +16,11 @@ comes from ``--resolution``, else from the source's metadata where there is some
 ``resolution`` attributes in nm as in CREMI, or ``element_size_um`` as in ilastik/Fiji);
 without either the import is refused, since every job relies on the resolution.
 
-Export writes one Zarr array as a multi-page TIFF with its resolution and offset; it
-needs the volume in memory, so it refuses volumes larger than ``max_bytes``.
+Export writes one Zarr array as an ImageJ hyperstack that Fiji opens calibrated (voxel
+size, unit nm, origin from the offset; :mod:`catena_mito.imagej`), in a pixel type Fiji
+holds exactly: instance ids as uint16 when they fit, else float32 with ``ids="float32"``
+(exact up to 2^24), else refused with one line. It needs the volume in memory, so it
+refuses volumes larger than ``max_bytes``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 
 from catena_mito import storage
 from catena_mito.errors import ConfigError, DataError, StorageError
+from catena_mito.imagej import ID_MODES, calibration, to_imagej
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +52,6 @@ TARGETS: dict[str, str] = {
 
 _TIFF_EXT = (".tif", ".tiff")
 _H5_EXT = (".h5", ".hdf5", ".hdf", ".n5h5")
-_UNIT_TO_NM = {
-    "nm": 1.0, "nanometer": 1.0, "nanometre": 1.0,
-    "um": 1000.0, "µm": 1000.0, "\\u00b5m": 1000.0, "micron": 1000.0, "micrometer": 1000.0, "micrometre": 1000.0,
-    "mm": 1e6, "millimeter": 1e6,
-}
 
 
 def natural_key(name: str) -> list[Any]:
@@ -92,27 +91,16 @@ def _triple(values: Any) -> tuple[float, float, float] | None:
 
 
 def _tiff_resolution(tif) -> tuple[tuple[float, float, float] | None, tuple[float, float, float] | None]:
-    """Resolution/offset (nm) of an open ``tifffile.TiffFile``: our metadata, else ImageJ."""
+    """Resolution/offset (nm) of an open ``tifffile.TiffFile``: our metadata, else ImageJ's
+    calibration (:func:`catena_mito.imagej.calibration`)."""
     if tif.shaped_metadata:
         meta = tif.shaped_metadata[0]
         res = _triple(meta.get("resolution")) if "resolution" in meta else None
         if res is not None:
             return res, _triple(meta.get("offset")) if "offset" in meta else None
-    ij = tif.imagej_metadata or {}
-    page = tif.pages[0]
-    try:
-        xr = page.tags["XResolution"].value
-        yr = page.tags["YResolution"].value
-    except KeyError:
-        return None, None
-    unit = str(ij.get("unit", "")).strip().lower()
-    spacing = ij.get("spacing")
-    if unit not in _UNIT_TO_NM or spacing is None:
-        return None, None  # pixels-per-inch defaults carry no physical size
-    factor = _UNIT_TO_NM[unit]
-    x = factor * xr[1] / xr[0]
-    y = factor * yr[1] / yr[0]
-    return (float(spacing) * factor, y, x), None
+    if tif.is_imagej:
+        return calibration(tif)
+    return None, None
 
 
 @contextmanager
@@ -405,14 +393,20 @@ def export_tiff(
     out_url: str,
     *,
     max_bytes: int | None = None,
+    ids: str = "uint16",
     storage_options: Mapping[str, Any] | None = None,
 ) -> str:
-    """Write the Zarr array at ``array_url`` as a multi-page TIFF with its resolution/offset (nm).
+    """Write the Zarr array at ``array_url`` as an ImageJ hyperstack with its resolution/offset (nm).
 
-    The TIFF is assembled in memory (about twice the volume), so a volume larger than
-    ``max_bytes`` — default: a quarter of the free memory — is refused before anything
-    is read.
+    ``ids`` says how integers beyond uint16 are written: ``uint16`` refuses them (the
+    error names the option), ``float32`` writes them as floats, exact up to 2^24 (see
+    :func:`catena_mito.imagej.to_imagej`; ids are never renumbered). The TIFF is
+    assembled in memory (about twice the volume), so a volume larger than ``max_bytes``
+    — default: a quarter of the free memory — is refused before anything is read.
+    Nothing is written when the volume is refused.
     """
+    if ids not in ID_MODES:
+        raise ConfigError(f"--ids {ids!r}: expected one of {', '.join(ID_MODES)}")
     arr = storage.open_volume(array_url, storage_options)
     nbytes = int(np.prod(arr.shape)) * arr.dtype.itemsize
     if max_bytes is None:
@@ -425,5 +419,6 @@ def export_tiff(
             "keep it in Zarr (napari/neuroglancer read it directly) or raise --max-gib"
         )
     resolution, offset = storage.read_spatial(arr)
-    storage.write_tiff(out_url, np.asarray(arr[...]), resolution, offset, storage_options)
+    volume = to_imagej(np.asarray(arr[...]), ids, f"{storage.redact_url(array_url)!r}")
+    storage.write_tiff(out_url, volume, resolution, offset, storage_options)
     return out_url

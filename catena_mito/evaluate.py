@@ -24,8 +24,14 @@ import numpy as np
 from catena_mito import storage
 from catena_mito.blockwise.geometry import BlockGrid, as_coord
 from catena_mito.blockwise.runs import check_input
-from catena_mito.errors import DataError, StorageError
-from catena_mito.instance_metrics import Contingency, SemanticCounts, instance_scores
+from catena_mito.errors import ConfigError, DataError, StorageError
+from catena_mito.instance_metrics import (
+    Contingency,
+    SemanticCounts,
+    check_iou_thresholds,
+    format_ranked,
+    instance_scores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,13 @@ def binarise(block: np.ndarray, threshold: float) -> np.ndarray:
     raise DataError(f"prediction dtype {block.dtype} is not a probability (expected uint8 or float)")
 
 
+def check_options(threshold: float, iou_thresholds: Sequence[float]) -> None:
+    """Refuse out-of-range options as usage errors (exit 2) before anything is read."""
+    if not 0.0 <= threshold <= 1.0:  # also refuses NaN
+        raise ConfigError(f"--threshold {threshold!r}: a probability threshold must be in [0, 1]")
+    check_iou_thresholds(iou_thresholds)
+
+
 def evaluate(
     gt: str,
     prediction: str | None = None,
@@ -103,11 +116,7 @@ def evaluate(
     A prediction or instance volume written by catena-mito that is incomplete or stale is
     refused (:class:`~catena_mito.errors.IncompleteInputError`) unless ``allow_incomplete``.
     """
-    if not 0.0 <= threshold <= 1.0:
-        raise DataError(f"--threshold must be in [0, 1], got {threshold}")
-    for t in iou_thresholds:
-        if not 0.0 < t <= 1.0:
-            raise DataError(f"IoU threshold must be in (0, 1], got {t}")
+    check_options(threshold, iou_thresholds)
     gt_url, dataset = resolve_gt(gt, storage_options)
     if dataset is not None and prediction is None and instances is None:
         for default, kind in ((storage.prediction_path("mito"), "prediction"), (storage.INSTANCES_PATH, "instances")):
@@ -171,7 +180,9 @@ def evaluate(
     if contingency is not None:
         report["instances"] = {
             "instances": storage.redact_url(instances),
-            "ap_definition": "TP / (TP + FP + FN) at each IoU threshold; mean_ap averages IoU 0.50:0.05:0.95",
+            "ap_definition": "TP / (TP + FP + FN) at each IoU threshold with optimal one-to-one matching; "
+                             "mean_ap averages IoU 0.50:0.05:0.95; mitoem_ap/coco_ap: ranked, 101-point "
+                             "interpolated AP (MitoEM challenge / COCO matching), coco_map their COCO mean",
             **instance_scores(contingency.tables(), iou_thresholds),
         }
     return report
@@ -204,6 +215,7 @@ def format_report(report: Mapping[str, Any]) -> str:
                 f"{row['precision']:8.4f}{row['recall']:8.4f}{row['f1']:8.4f}{row['ap']:8.4f}"
             )
         lines.append(f"  mean AP (IoU 0.50:0.05:0.95): {inst['mean_ap']:.4f}   AP = TP / (TP + FP + FN)")
+        lines += format_ranked(inst)
     return "\n".join(lines)
 
 

@@ -89,7 +89,7 @@ MARKER_TASK = "predict"
 RECORD_DIR = ".catena/predict"
 #: Bumped whenever a change in this module or in inference/preprocess changes the values
 #: predict writes, so outputs of an older algorithm never pass as current.
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2  # 2: anti-aliased down-sampling (preprocess.GridMap)
 #: The foreground array's attribute listing every target its run wrote.
 TARGETS_ATTR = "catena_targets"
 
@@ -578,8 +578,8 @@ def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, ov
         DataError: raw data not 3-D, or smaller than a patch at the model resolution.
         StorageError: unreadable input or incompatible existing output.
     """
-    from catena_mito.checkpoint import build_model_from_checkpoint, load_checkpoint
     from catena_mito.inference import ModelRunner, precision_name
+    from catena_mito.model_export import build_predict_model, load_model_source
 
     start = time.perf_counter()
     check_shard(shard_index, num_shards)
@@ -589,7 +589,7 @@ def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, ov
             "(use output_format 'zarr' to shard)"
         )
     urls = output_urls(config)
-    ckpt = load_checkpoint(config.model_path, config.storage_options, map_location="cpu")
+    ckpt = load_model_source(config.model_path, config.storage_options)  # a checkpoint or an exported model
     settings = resolve_model_settings(config, ckpt)
     model_identity = checkpoint_identity(_checkpoint_bytes(config.model_path, config.storage_options),
                                          settings.model_type)
@@ -601,7 +601,7 @@ def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, ov
         plans = [plan_summary(config, settings, job, spec, shard_index, num_shards) for job, spec in zip(jobs, specs)]
         return {"dry_run": True, "shard_index": shard_index, "num_shards": num_shards, "outputs": plans}
     _size_torch_threads()
-    model = build_model_from_checkpoint(ckpt)
+    model = build_predict_model(ckpt)
     del ckpt
     runner = ModelRunner(model, batch_size=config.batch_size, device=config.device, amp=config.amp, tta=config.tta,
                          targets=settings.targets)

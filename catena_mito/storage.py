@@ -570,16 +570,22 @@ def remove(url: str, storage_options: Mapping[str, Any] | None = None, recursive
 def read_tiff(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[np.ndarray, dict]:
     """Read a (multi-page) TIFF into memory: ``(array, metadata)``.
 
-    ``metadata`` holds ``resolution``/``offset`` when the file was written by
-    :func:`write_tiff`.
+    ``metadata`` holds ``resolution``/``offset`` (nm, z, y, x lists) when the file records
+    them: written by :func:`write_tiff` (either form), or an ImageJ/Fiji stack with a
+    physical calibration (:func:`catena_mito.imagej.calibration`).
     """
     import tifffile
+
+    from catena_mito.imagej import calibration
 
     data = read_bytes(url, storage_options)
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             array = tif.asarray()
             meta = dict(tif.shaped_metadata[0]) if tif.shaped_metadata else {}
+            if tif.is_imagej:
+                res, off = calibration(tif)
+                meta = {k: list(v) for k, v in (("resolution", res), ("offset", off)) if v is not None}
     except Exception as e:
         raise DataError(f"cannot read TIFF {redact_url(url)!r}: {_describe(e)}") from e
     return array, {k: meta[k] for k in ("resolution", "offset") if k in meta}
@@ -592,12 +598,24 @@ def write_tiff(
     offset: Sequence[float] | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write a (z, y, x) array as a multi-page TIFF with its resolution/offset (nm)."""
+    """Write a (z, y, x) array as a multi-page TIFF with its resolution/offset (nm).
+
+    3-D uint8, uint16 and float32 volumes become ImageJ hyperstacks that Fiji opens with
+    their voxel size, unit (nm) and origin (:mod:`catena_mito.imagej`); other dtypes
+    (uint32 ids, float16 …), which ImageJ stacks cannot hold, keep the dtype in a plain
+    TIFF whose metadata only :func:`read_tiff` reads. ``catena-mito export`` converts to
+    an ImageJ type first (:func:`catena_mito.imagej.to_imagej`).
+    """
     import tifffile
 
+    from catena_mito.imagej import is_imagej_dtype, write_kwargs
+
+    array = np.asarray(array)
     buffer = io.BytesIO()
-    meta = {"axes": "ZYX", **spatial_attrs(resolution, offset)}
-    tifffile.imwrite(
-        buffer, np.asarray(array), metadata=meta, photometric="minisblack", bigtiff=array.nbytes > 2**31
-    )
+    if array.ndim == 3 and is_imagej_dtype(array.dtype):
+        # Classic TIFF even beyond 4 GiB: ImageJ stores the pixels contiguously after one IFD.
+        tifffile.imwrite(buffer, array, photometric="minisblack", **write_kwargs(resolution, offset))
+    else:
+        meta = {"axes": "ZYX", **spatial_attrs(resolution, offset)}
+        tifffile.imwrite(buffer, array, metadata=meta, photometric="minisblack", bigtiff=array.nbytes > 2**31)
     write_bytes(url, buffer.getvalue(), storage_options)

@@ -692,6 +692,7 @@ def train(config: TrainConfig) -> TrainResult:
         CheckpointError: ``model_loc``/``resume_checkpoint`` missing or not matching.
         StorageError, DataError: unreadable or inconsistent datasets.
     """
+    from catena_mito.checkpoint import load_pretrained
     from catena_mito.models import build_model, check_patch_size
 
     run_url = storage.join_url(config.runs_dir, config.exp_name)
@@ -759,8 +760,8 @@ def train(config: TrainConfig) -> TrainResult:
             if config.model_loc:
                 log.info("resume_checkpoint given: model_loc is not reloaded (the resumed weights include it)")
         elif config.model_loc:
-            ckpt = _load_checkpoint_for(config, config.model_loc, "model_loc")
-            _load_weights(model, ckpt, config.model_loc, "model_loc")
+            load_pretrained(model, config.model_loc, storage.resolve_storage_options(config.model_loc, config.storage_options),
+                            model_type=config.model_type, strict=config.model_loc_strict)
         if config.freeze_encoder:
             freeze_encoder(model, config.model_type)
         model.to(device)

@@ -142,3 +142,65 @@ def test_cli_import_export(tmp_path, volume):
     tif = str(tmp_path / "o.tif")
     main(["export", storage.join_url(out, storage.RAW_PATH), tif])
     np.testing.assert_array_equal(tifffile.imread(tif), volume)
+
+
+# --- Fiji-ready export ------------------------------------------------------------------------
+
+
+def _ids_dataset(tmp_path, ids, resolution=(30.0, 3.7, 4.1), offset=(60.0, 7.4, -8.2)):
+    url = storage.join_url(str(tmp_path / "ids.zarr"), storage.INSTANCES_PATH)
+    arr = storage.create_array(url, ids.shape, ids.dtype, (4, 8, 8), attrs=storage.spatial_attrs(resolution, offset))
+    arr[...] = ids
+    return url
+
+
+def test_export_is_an_imagej_hyperstack_that_round_trips_its_calibration(tmp_path):
+    ids = np.random.default_rng(2).integers(0, 65536, SHAPE, dtype=np.uint64).astype(np.uint32)
+    ids.flat[0] = 65535  # the largest id uint16 holds
+    tif = str(tmp_path / "ids.tif")
+    export_tiff(_ids_dataset(tmp_path, ids), tif)
+    with tifffile.TiffFile(tif) as t:
+        assert t.is_imagej and t.series[0].dtype == np.uint16 and t.series[0].shape == SHAPE
+        ij = t.imagej_metadata
+        assert (ij["spacing"], ij["unit"], ij["slices"]) == (30.0, "nm", SHAPE[0])
+        x_num, x_den = t.pages[0].tags["XResolution"].value
+        assert x_den / x_num == 4.1  # pixels per nm as ImageJ reads it
+        assert ij["xorigin"] == pytest.approx(2.0) and ij["zorigin"] == pytest.approx(-2.0)
+        np.testing.assert_array_equal(t.asarray(), ids)
+    # Both readers give back the calibration: import (a dataset) and read_tiff (label's input).
+    url = import_volume(tif, str(tmp_path / "back.zarr"), "mito_instances", chunks=(4, 8, 8))
+    data, (res, off) = _read(url)
+    np.testing.assert_array_equal(data, ids)
+    assert res == (30.0, 3.7, 4.1) and off == pytest.approx((60.0, 7.4, -8.2))
+    data, meta = storage.read_tiff(tif)
+    assert meta["resolution"] == [30.0, 3.7, 4.1] and meta["offset"] == pytest.approx([60.0, 7.4, -8.2])
+
+
+def test_export_refuses_ids_beyond_uint16_unless_float32(tmp_path):
+    from catena_mito.cli import main
+
+    ids = np.zeros(SHAPE, np.uint64)
+    ids[1, 2, 3], ids[4, 5, 6] = 70_000, 2**24  # float32 holds both exactly
+    src = _ids_dataset(tmp_path, ids)
+    tif = tmp_path / "big.tif"
+    with pytest.raises(DataError, match=r"ids up to 16777216.*--ids float32"):
+        export_tiff(src, str(tif))
+    assert not tif.exists()
+    main(["export", src, str(tif), "--ids", "float32"])
+    with tifffile.TiffFile(tif) as t:
+        assert t.is_imagej and t.series[0].dtype == np.float32
+        np.testing.assert_array_equal(t.asarray().astype(np.uint64), ids)
+    ids[0, 0, 0] = 2**24 + 1  # the first integer float32 would round
+    with pytest.raises(DataError, match="more than any ImageJ pixel type"):
+        export_tiff(_ids_dataset(tmp_path, ids), str(tmp_path / "no.tif"), ids="float32")
+    assert not (tmp_path / "no.tif").exists()
+
+
+def test_imagej_conversions_are_exact_or_refused():
+    from catena_mito.imagej import to_imagej
+
+    assert to_imagej(np.ones((1, 2, 2), bool)).dtype == np.uint8
+    half = np.array([[[0.25, 1.0]]], np.float16)
+    assert to_imagej(half).dtype == np.float32 and to_imagej(half).tolist() == half.tolist()
+    with pytest.raises(DataError, match="negative"):
+        to_imagej(np.array([[[-1, 2]]], np.int32))

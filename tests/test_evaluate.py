@@ -6,11 +6,19 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from catena_mito import storage
 from catena_mito.errors import DataError
 from catena_mito.evaluate import evaluate, format_report
-from catena_mito.instance_metrics import Contingency, SemanticCounts, instance_scores
+from catena_mito.instance_metrics import (
+    Contingency,
+    SemanticCounts,
+    instance_scores,
+    match_instances,
+    pair_ious,
+)
 
 # One row of ten voxels, shape (1, 1, 10) — small enough to count by hand.
 GT = np.array([1, 1, 1, 1, 0, 2, 2, 0, 3, 3], np.uint32).reshape(1, 1, 10)
@@ -172,3 +180,103 @@ def test_cli_evaluate_writes_json(tmp_path, capsys):
     assert report["semantic"]["iou"] == pytest.approx(1 / 3)
     assert report["instances"]["thresholds"]["0.5"]["f1"] == pytest.approx(6 / 7)
     assert "mean AP" in capsys.readouterr().out
+
+
+# --- exact matching at any threshold, ranked APs ---------------------------------------------
+
+# g1 = x0..9, g2 = x10..19; p1 = x0..5 + x10..13 (10 voxels), p2 = x6..9 (4 voxels).
+# IoU(g1, p1) = 6/14, IoU(g1, p2) = 4/10, IoU(g2, p1) = 4/16 = 0.25.
+SPLIT_GT = np.repeat(np.array([1, 2], np.uint16), 10).reshape(1, 1, 20)
+SPLIT_PRED = np.array([1] * 6 + [2] * 4 + [1] * 4 + [0] * 6, np.uint16).reshape(1, 1, 20)
+
+
+def _tables(gt, pred):
+    c = Contingency()
+    c.update(gt, pred)
+    return c.tables()
+
+
+def test_low_threshold_matching_is_optimal_where_greedy_is_not():
+    # Greedy by IoU takes (g1, p1) first and leaves g2 alone; the optimum pairs g1-p2, g2-p1.
+    g, p, iou = match_instances(_tables(SPLIT_GT, SPLIT_PRED), 0.25)
+    assert g.tolist() == [1, 2] and p.tolist() == [2, 1]
+    assert iou.tolist() == pytest.approx([0.4, 0.25])
+    s = instance_scores(_tables(SPLIT_GT, SPLIT_PRED), (0.25, 0.3))["thresholds"]
+    assert (s["0.25"]["tp"], s["0.25"]["fp"], s["0.25"]["fn"]) == (2, 0, 0)
+    assert (s["0.3"]["tp"], s["0.3"]["fp"], s["0.3"]["fn"]) == (1, 1, 1)
+    # Ranked by size (p1 then p2). MitoEM judges each prediction by its best gt (g1 for
+    # both): two true positives, AP 1. COCO's one-to-one: p2 finds g1 taken, a false
+    # positive: recall 0.5 at precision 1, so 51 of the 101 recall points.
+    assert s["0.25"]["mitoem_ap"] == pytest.approx(1.0)
+    assert s["0.25"]["coco_ap"] == pytest.approx(51 / 101)
+
+
+def test_ranked_ap_by_hand():
+    # Pairs (1,5) 3/4, (2,6) 2/3, (3,7) 1/2; sizes 5:3, 6:3, 7:1, 8:1 -> rank 5, 6, 7, 8.
+    s = instance_scores(_tables(GT, INST), (0.5, 0.75))
+    # IoU 0.75: only 5 is a hit, first in rank: precision 1 up to recall 1/3 (34 points).
+    assert s["mitoem_ap75"] == pytest.approx(34 / 101)
+    assert s["thresholds"]["0.75"]["coco_ap"] == pytest.approx(34 / 101)
+    assert s["thresholds"]["0.5"]["mitoem_ap"] == pytest.approx(1.0)
+    # 0.50: 1; 0.55-0.65: hits 5, 6 -> recall 2/3 at precision 1 (67 points); 0.70-0.75: 34.
+    assert s["coco_map"] == pytest.approx((1 + 3 * 67 / 101 + 2 * 34 / 101) / 10)
+
+
+def _brute_force(tables, t):
+    """(count, total IoU) of the best matching, by trying every matching of the candidates."""
+    ious = pair_ious(tables)
+    pairs = [(int(a), int(b), float(v)) for a, b, v in zip(tables["pair_gt"], tables["pair_pred"], ious) if v >= t]
+    best = (0, 0.0)
+
+    def walk(i, used_g, used_p, n, total):
+        nonlocal best
+        if (n, total) > (best[0], best[1] + 1e-12):
+            best = (n, total)
+        for j in range(i, len(pairs)):
+            a, b, v = pairs[j]
+            if a not in used_g and b not in used_p:
+                walk(j + 1, used_g | {a}, used_p | {b}, n + 1, total + v)
+
+    walk(0, frozenset(), frozenset(), 0, 0.0)
+    return best
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(0, 4), min_size=24, max_size=24),
+    st.lists(st.integers(0, 5), min_size=24, max_size=24),
+    st.sampled_from([0.1, 0.2, 0.3, 0.4, 0.5]),
+)
+def test_matching_equals_brute_force(gt, pred, t):
+    tables = _tables(np.array(gt).reshape(1, 4, 6), np.array(pred).reshape(1, 4, 6))
+    g, p, iou = match_instances(tables, t)
+    assert len(set(g.tolist())) == len(g) and len(set(p.tolist())) == len(p)  # one-to-one
+    assert np.all(iou >= t)
+    n, total = _brute_force(tables, t)
+    assert len(iou) == n and float(iou.sum()) == pytest.approx(total)
+
+
+@pytest.mark.parametrize("args", [["--iou", "1.5"], ["--iou", "0"], ["--iou", "nan"], ["--threshold", "2"]])
+def test_out_of_range_options_are_usage_errors(tmp_path, args, capsys):
+    from catena_mito.cli import main
+
+    gt = _write(str(tmp_path / "g.zarr"), GT)
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--gt", gt, "--instances", gt, *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and args[0] in err[0]
+
+
+def test_low_iou_is_accepted_and_synth_zero_shape_is_a_usage_error(tmp_path, capsys):
+    from catena_mito.cli import main
+
+    gt = _write(str(tmp_path / "g.zarr"), SPLIT_GT)
+    inst = _write(str(tmp_path / "i.zarr"), SPLIT_PRED)
+    main(["evaluate", "--gt", gt, "--instances", inst, "--iou", "0.25"])
+    out = capsys.readouterr().out
+    assert "MitoEM AP-75" in out and "COCO mAP" in out
+    with pytest.raises(SystemExit) as e:
+        main(["synth", str(tmp_path / "s.zarr"), "--shape", "0", "10", "10"])
+    assert e.value.code == 2
+    assert not (tmp_path / "s.zarr").exists()
