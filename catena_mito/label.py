@@ -51,6 +51,7 @@ into its own grid of ``chunk_size`` blocks, one writer per chunk; output chunks 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import os
@@ -104,9 +105,9 @@ from catena_mito.targets import FOREGROUND, TARGET_ATTR, prediction_url
 
 log = logging.getLogger(__name__)
 
-PHASES = ("all", "blocks", "merge", "seeds", "grow", "sizes", "relabel", "clean")
+PHASES = ("all", "blocks", "merge", "grow", "sizes", "relabel", "clean")
 #: Phases only the seeded modes (contour, distance) have.
-INSTANCE_PHASES = ("seeds", "grow", "sizes")
+INSTANCE_PHASES = ("grow", "sizes")
 TIFF_SUFFIXES = (".tif", ".tiff")
 #: Environment variable that sets the most bytes a TIFF output may gather in memory.
 TIFF_LIMIT_ENV = "CATENA_TIFF_MAX_BYTES"
@@ -426,8 +427,8 @@ class _LabelTask:
         }
         relabel_blocks = 1 if self.tiff else self.out_grid.num_blocks
         n = self.grid.num_blocks
-        return RunSpec("label", description, (("blocks", n), ("merge", 1), ("seeds", n), ("grow", n),
-                                               ("sizes", 1), ("relabel", relabel_blocks)))
+        return RunSpec("label", description, (("blocks", n), ("merge", 1), ("grow", n), ("sizes", 1),
+                                               ("relabel", relabel_blocks)))
 
     # -- bookkeeping --------------------------------------------------------------------
 
@@ -532,21 +533,40 @@ class _LabelTask:
         """
         if not self.instances:
             return self.input.foreground(roi, self.config.thres_foreground)
+        return self._block_masks(roi)[0]
+
+    def _block_masks(self, roi: Roi) -> tuple[np.ndarray, np.ndarray]:
+        """The seeds and the foreground mask of ``roi`` in a seeded mode."""
         region = roi.grow(self.seed_halo).intersect(self.grid.volume_roi)
         fg = self.input.read(region)
         contour = self.contour.read(region) if self.contour is not None else None
         seeds = seed_mask(fg, contour, self.settings, self.input.where(region))
-        return np.ascontiguousarray(seeds[roi.to_slices(region)])
+        inner = roi.to_slices(region)
+        mask = foreground(fg[inner], self.config.thres_foreground, self.input.where(roi))
+        return np.ascontiguousarray(seeds[inner]), mask
 
     def run_blocks(self, shard_index: int, num_shards: int, overwrite: bool) -> None:
-        def compute(block: Block, _: Any) -> tuple[bytes, int]:
-            labels, n = connected_components(self._block_mask(block.write_roi), self.config.connectivity)
+        # seeded modes also keep each block's provisional seed labels and its foreground
+        # (one small-chunked array, see _provisional), read with a halo by the grow phase
+        prov = self._provisional_array() if self.instances else None
+
+        def compute(block: Block, _: Any) -> tuple[bytes, int, np.ndarray | None]:
+            if prov is None:
+                labels, n = connected_components(self._block_mask(block.write_roi), self.config.connectivity)
+                ids = None
+            else:
+                seeds, mask = self._block_masks(block.write_roi)
+                labels, n = connected_components(seeds, self.config.connectivity)
+                ids = labels.astype(prov.dtype)
+                ids[mask & (labels == 0)] = np.iinfo(prov.dtype).max
             result = BlockResult.from_labels(labels, n, block.write_roi.offset, self.input.shape)
             buffer = io.BytesIO()
             np.savez_compressed(buffer, **result.to_npz_dict())
-            return buffer.getvalue(), n
+            return buffer.getvalue(), n, ids
 
-        def write(block: Block, out: tuple[bytes, int]) -> dict:
+        def write(block: Block, out: tuple[bytes, int, np.ndarray | None]) -> dict:
+            if prov is not None:
+                prov[block.write_roi.to_slices()] = out[2]
             storage.write_bytes(self.block_data(block.index), out[0], self.options)
             return {"labels": out[1]}
 
@@ -631,20 +651,61 @@ class _LabelTask:
 
         with ThreadPoolExecutor(SMALL_FILE_THREADS) as pool:
             list(pool.map(write_map, range(self.grid.num_blocks)))
-        if self.instances:
-            for name in ("seeds", "grow"):  # created here by the one merge process, as the output
-                storage.create_array(self._ids_url(name), self.input.shape, dtype, self.config.chunk_size,
-                                     overwrite=True, storage_options=self.options)
+        if self.instances:  # created here by the one merge process, as the output
+            storage.create_array(self._ids_url("grow"), self.input.shape, dtype, self._ids_chunks(),
+                                 overwrite=True, storage_options=self.options)
         elif not self.tiff:
             self._create_output(dtype)
         return {"num_objects": table.num_objects, "num_removed": table.num_removed,
                 "dtype": str(dtype), "output_shape": list(self.out_shape)}
 
-    # -- seeds, grow, sizes (the seeded modes) --------------------------------------------
+    # -- grow, sizes (the seeded modes) ---------------------------------------------------
 
     def _ids_url(self, phase: str) -> str:
         """The intermediate id volume a seeded phase writes (seed ids, grown ids)."""
         return self.url(phase, "ids")
+
+    def _ids_chunks(self) -> tuple[int, int, int]:
+        """Chunks of the intermediate id volumes: the grow phase reads a block with a halo of
+        ``grow_distance``, and each chunk it touches is decoded whole; with chunks of half a
+        block (a divisor of the block, at least the halo and 32 voxels) a halo read decodes
+        about 8 blocks' worth instead of the 27 around it, while chunks stay large enough
+        for zarr's per-chunk overhead (about 1 ms) not to dominate (measured: 64³ beats
+        32³ and 128³ for 128³ blocks)."""
+        out = []
+        for c in self.config.chunk_size:
+            want = max(32, self.settings.grow_distance, -(-c // 2))
+            out.append(next((d for d in range(want, c + 1) if c % d == 0), c))
+        return tuple(out)  # type: ignore[return-value]
+
+    def _provisional_array(self) -> Any:
+        """The blocks phase's provisional seed labels (open-or-create: shards share it)."""
+        block_voxels = math.prod(self.config.chunk_size)
+        dtype = np.uint32 if block_voxels < np.iinfo(np.uint32).max else np.uint64
+        return storage.create_array(self._ids_url("blocks"), self.input.shape, dtype, self._ids_chunks(),
+                                    storage_options=self.options)
+
+    def _global_seeds(self, prov: Any, region: Roi, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Global seed ids and the foreground in ``region``, from the provisional labels of
+        every block it overlaps, each mapped through that block's table from the merge."""
+        values = np.asarray(prov[region.to_slices()])
+        outside = np.iinfo(values.dtype).max
+        mask = values != 0
+        seeds = np.zeros(region.shape, dtype)
+        c = self.config.chunk_size
+        first = [b // s for b, s in zip(region.begin, c)]
+        last = [(e - 1) // s for e, s in zip(region.end, c)]
+        for pos in itertools.product(*(range(f, l + 1) for f, l in zip(first, last))):
+            block = self.grid.block_at(pos)
+            table = self._map(block.index)
+            part = block.write_roi.intersect(region).to_slices(region)
+            local = values[part]
+            local = np.where(local == outside, 0, local)
+            if local.size and int(local.max()) >= len(table):
+                raise DataError(f"provisional labels of block {block.index} exceed its {len(table) - 1} "
+                                "labels of the merge; rerun every phase with --overwrite")
+            seeds[part] = table[local]
+        return seeds, mask
 
     def _grow_counts(self, i: int) -> str:
         return self.url("grow", "counts", f"{i}.npz")
@@ -662,51 +723,28 @@ class _LabelTask:
                                f"{list(self.input.shape)}; rerun --phase merge with --overwrite")
         return arr
 
-    def run_seeds(self, shard_index: int, num_shards: int, overwrite: bool, wait_timeout: float) -> None:
-        """Write each block's global seed ids (its seeds, numbered by the merge's tables)."""
-        self._require_instances("seeds")
+    def run_grow(self, shard_index: int, num_shards: int, overwrite: bool, wait_timeout: float) -> None:
+        """Grow the seeds into the foreground; each block reads a halo of ``grow_distance``."""
+        self._require_instances("grow")
         merge = self.store.markers(self.spec.run_id, "merge")
         self.wait_for(lambda: [] if merge.is_done(0) else ["the merge marker"], wait_timeout,
                       f"the label merge of run {self.spec.run_id} at {self.store.shown}",
                       "run `catena-mito label --phase merge` first")
-        dtype = np.dtype(merge.read(0)["dtype"])
-        out = self._open_ids("seeds", "r+")
-        self._maps = OrderedDict()
-
-        def compute(block: Block, _: Any) -> np.ndarray:
-            table = self._map(block.index)
-            if not table.any():  # no kept seed here: skip reading the inputs
-                return np.zeros(block.write_roi.shape, dtype)
-            return table[self._source_labels(block, table)]
-
-        def write(block: Block, data: np.ndarray) -> None:
-            out[block.write_roi.to_slices()] = data
-
-        self._run("seeds", self.grid.blocks(), BlockSteps(compute=compute, write=write, parallel=True),
-                  shard_index, num_shards, overwrite, f"label seeds {shard_index}/{num_shards}")
-
-    def run_grow(self, shard_index: int, num_shards: int, overwrite: bool, wait_timeout: float) -> None:
-        """Grow the seeds into the foreground; each block reads a halo of ``grow_distance``."""
-        self._require_instances("grow")
-        markers = self.store.markers(self.spec.run_id, "seeds")
-        indices = range(self.grid.num_blocks)
-        self.wait_for(lambda: [f"block {i}" for i in markers.missing(indices)], wait_timeout,
-                      f"the label seeds phase of run {self.spec.run_id} at {self.store.shown}",
-                      "run `catena-mito label --phase seeds` for every shard first")
-        seeds = self._open_ids("seeds", "r")
+        prov = self._open_ids("blocks", "r")
         out = self._open_ids("grow", "r+")
         distance = self.settings.grow_distance
         volume = self.grid.volume_roi
+        self._maps = OrderedDict()
+        # a block's halo reaches the blocks around it: keep the tables of two planes of
+        # blocks (C order), so that each is read about once
+        _, gy, gx = self.grid.grid_shape
+        self._map_cache = max(64, 2 * (gy * gx + gx + 1) + 2 * self.threads)
 
         def compute(block: Block, _: Any) -> tuple[np.ndarray, bytes]:
             roi = block.write_roi
             region = roi.grow(distance).intersect(volume)
-            ids = np.asarray(seeds[region.to_slices()])
-            if ids.any():
-                mask = self.input.foreground(region, self.config.thres_foreground)
-                grown = grow(ids, mask, self.config.connectivity, distance)[roi.to_slices(region)]
-            else:
-                grown = np.zeros(roi.shape, ids.dtype)
+            seeds, mask = self._global_seeds(prov, region, out.dtype)
+            grown = grow(seeds, mask, self.config.connectivity, distance)[roi.to_slices(region)]
             import fastremap
 
             uniq, counts = fastremap.unique(grown, return_counts=True)
@@ -875,13 +913,17 @@ class _LabelTask:
             with _NPY_HEADER_LOCK:
                 table = np.load(io.BytesIO(data))
             self._maps[index] = table
-            while len(self._maps) > 64:  # the tables of recent blocks (scaled outputs reuse them)
+            # the tables of recent blocks (scaled outputs and the grow halo reuse them)
+            while len(self._maps) > getattr(self, "_map_cache", 64):
                 self._maps.popitem(last=False)
         return table
 
     def _source_labels(self, block: Block, table: np.ndarray) -> np.ndarray:
         """Block ``block``'s provisional labels, recomputed exactly as in the blocks phase."""
-        labels, n = connected_components(self._block_mask(block.write_roi), self.config.connectivity)
+        return self._check_count(block, table, *connected_components(self._block_mask(block.write_roi),
+                                                                     self.config.connectivity))
+
+    def _check_count(self, block: Block, table: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
         if n != len(table) - 1:
             raise DataError(
                 f"input_prediction_path {self.input.shown!r}"
@@ -1072,7 +1114,6 @@ def label(
             task.run_blocks(0, 1, overwrite)
             task.run_merge(overwrite, wait_timeout)
             if task.instances:
-                task.run_seeds(0, 1, overwrite, wait_timeout)
                 task.run_grow(0, 1, overwrite, wait_timeout)
                 task.run_sizes(overwrite, wait_timeout)
             task.run_relabel(0, 1, overwrite, wait_timeout)
@@ -1081,8 +1122,6 @@ def label(
         task.run_blocks(shard_index, num_shards, overwrite)
     elif phase == "merge":
         task.run_merge(overwrite, wait_timeout)
-    elif phase == "seeds":
-        task.run_seeds(shard_index, num_shards, overwrite, wait_timeout)
     elif phase == "grow":
         task.run_grow(shard_index, num_shards, overwrite, wait_timeout)
     elif phase == "sizes":

@@ -112,7 +112,7 @@ def write(url: str, values: np.ndarray, res=(8.0, 8.0, 8.0), attrs=None, chunks=
 
 
 def run_sharded(config: LabelConfig, shards: int) -> None:
-    for phase in ("blocks", "merge", "seeds", "grow", "sizes", "relabel"):
+    for phase in ("blocks", "merge", "grow", "sizes", "relabel"):
         for i in range(1 if phase in ("merge", "sizes") else shards):
             label(config, phase=phase, shard_index=i, num_shards=1 if phase in ("merge", "sizes") else shards)
 
@@ -317,13 +317,16 @@ def test_resume_and_rerun_of_a_seeded_run():
     write(root + "/p_contour", rng.random(fg.shape).astype(np.float32))
     config = LabelConfig(input_prediction_path=root + "/p", output_instance_dir=root + "/o", chunk_size=(5, 6, 7),
                          instance_mode="contour", thres_small_instances=2, grow_distance=2)
-    label(config, phase="blocks")
+    label(config, phase="blocks", shard_index=0, num_shards=2)
+    with pytest.raises(PhaseError, match="blocks phase .* is not complete"):
+        label(config, phase="merge")
+    label(config, phase="blocks", shard_index=1, num_shards=2)
     label(config, phase="merge")
-    label(config, phase="seeds", shard_index=0, num_shards=2)
-    with pytest.raises(PhaseError, match="seeds phase .* is not complete"):
-        label(config, phase="grow")
-    label(config, phase="seeds", shard_index=1, num_shards=2)
-    for phase in ("grow", "sizes", "relabel"):
+    label(config, phase="grow", shard_index=1, num_shards=2)
+    with pytest.raises(PhaseError, match="grow phase .* is not complete"):
+        label(config, phase="sizes")
+    label(config, phase="grow", shard_index=0, num_shards=2)
+    for phase in ("sizes", "relabel"):
         label(config, phase=phase)
     first = read_output(config)
     again = label(config)  # complete: nothing to do
