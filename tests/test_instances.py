@@ -263,7 +263,7 @@ def test_settings_that_change_values_are_in_the_run_id():
     write(root + "/p_contour", np.zeros((4, 4, 4), np.float32))
     base = dict(input_prediction_path=root + "/p", output_instance_dir=root + "/o", instance_mode="contour")
     ids = {_task(**base).spec.run_id}
-    for key, value in (("thres_seed", 0.9), ("thres_contour", 0.3), ("thres_small_seeds", 5), ("grow_distance", 2)):
+    for key, value in (("thres_seed", 0.9), ("thres_contour", 0.45), ("thres_small_seeds", 5), ("grow_distance", 2)):
         ids.add(_task(**base, **{key: value}).spec.run_id)
     ids.add(_task(input_prediction_path=root + "/p", output_instance_dir=root + "/o", instance_mode="distance").spec.run_id)
     assert len(ids) == 6
