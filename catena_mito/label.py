@@ -98,7 +98,7 @@ from catena_mito.instances.settings import (
     check_unused_fields,
     resolve_mode,
 )
-from catena_mito.instances.whole import seed_mask
+from catena_mito.instances.whole import seeds_and_mask
 from catena_mito.instances.threshold import foreground
 from catena_mito.stitch import BlockResult, boundary_pairs, forward_offsets, global_table
 from catena_mito.targets import FOREGROUND, TARGET_ATTR, prediction_url
@@ -540,10 +540,9 @@ class _LabelTask:
         region = roi.grow(self.seed_halo).intersect(self.grid.volume_roi)
         fg = self.input.read(region)
         contour = self.contour.read(region) if self.contour is not None else None
-        seeds = seed_mask(fg, contour, self.settings, self.input.where(region))
+        seeds, mask = seeds_and_mask(fg, contour, self.settings, self.input.where(region))
         inner = roi.to_slices(region)
-        mask = foreground(fg[inner], self.config.thres_foreground, self.input.where(roi))
-        return np.ascontiguousarray(seeds[inner]), mask
+        return np.ascontiguousarray(seeds[inner]), np.ascontiguousarray(mask[inner])
 
     def run_blocks(self, shard_index: int, num_shards: int, overwrite: bool) -> None:
         # seeded modes also keep each block's provisional seed labels and its foreground
