@@ -21,6 +21,25 @@ binarised volume, with the same ids, for any block shape and any number of shard
 volume: per block a few KB (label counts, first voxels, boundary planes) and a lookup table.
 Every phase runs through the one block runner (:mod:`catena_mito.blockwise.runner`).
 
+**Seeded instance modes** (``instance_mode: contour | distance``, the rules in
+:mod:`catena_mito.instances`): the same blocks and merge number the *seeds* (seeds under
+``thres_small_seeds`` voxels dropped), then two more phases::
+
+    blocks   (sharded)  as above, on the seeds; also writes the block's provisional seed
+                        labels and its foreground (largest id value = foreground outside
+                        seeds) into W/runs/<id>/blocks/ids, chunked by half a block
+    merge    (1 proc.)  as above: seed ids 1..S by first voxel
+    grow     (sharded)  per block: read W/runs/<id>/blocks/ids with a halo of
+                        ``grow_distance`` voxels, map each overlapped block's provisional
+                        labels to seed ids, grow (exact with that halo), write the block
+                        → W/runs/<id>/grow/ids, and its per-seed voxel counts
+    sizes    (1 proc.)  sum the counts; grown objects under ``thres_small_instances``
+                        removed; final ids 1..K in seed order → W/runs/<id>/sizes/table.npy
+    relabel  (sharded)  map the grown ids of each block → the output array
+
+Distance seeds read a halo of ``ceil(seed_distance / resolution)`` voxels in the blocks
+phase. Connected-components runs keep their run description (and run ids) unchanged.
+
 Where things go (``W = <output_instance_dir>/.catena/label/<output_filename>``, the run
 records of :mod:`catena_mito.blockwise.runs`)::
 
@@ -28,7 +47,7 @@ records of :mod:`catena_mito.blockwise.runs`)::
     <output_instance_dir>/<output_filename>.tif the output (TIFF, single-process gather)
     W/run.json                                  the run that owns the output
     W/config.yaml                               the resolved config (secrets redacted)
-    W/runs/<id>/{blocks,merge,relabel}/done/    done markers of each phase
+    W/runs/<id>/<phase>/done/                   done markers of each phase
     W/runs/<id>/complete.json                   written when relabel is complete
 
 The run id covers the settings, the block plan and the input's identity (for a
@@ -1024,8 +1043,12 @@ class _LabelTask:
             "blocks_total": self.grid.num_blocks, "relabel_blocks_total": self.spec.num_blocks("relabel"),
             "blocks_per_shard": [len(range(k, self.grid.num_blocks, num_shards)) for k in range(num_shards)],
             "threads": self.threads,
-            # per block in flight: the input values, the mask, the labels (uint32) and the npz
-            "peak_memory_bytes_per_worker": int(self.threads * block_voxels * (itemsize + 1 + 4 + 4)),
+            # per block in flight: the input values, the mask, the labels (uint32) and the npz;
+            # seeded modes: the grow phase's block + halo (ids, mask, growth state, copies)
+            "peak_memory_bytes_per_worker": int(self.threads * max(
+                block_voxels * (itemsize * (2 if self.contour is not None else 1) + 1 + 4 + 4 + 4),
+                math.prod(c + 2 * self.settings.grow_distance + 2 for c in self.config.chunk_size) * 22,
+            ) if self.instances else self.threads * block_voxels * (itemsize + 1 + 4 + 4)),
             "output_bytes_at_least": int(math.prod(self.out_shape)) * 4,
             "output_state": state,
             "instance_mode": self.mode,
