@@ -117,8 +117,8 @@ from catena_mito.instances.settings import (
     check_unused_fields,
     resolve_mode,
 )
-from catena_mito.instances.whole import seeds_and_mask
 from catena_mito.instances.threshold import foreground
+from catena_mito.instances.whole import seeds_and_mask
 from catena_mito.stitch import BlockResult, boundary_pairs, forward_offsets, global_table
 from catena_mito.targets import FOREGROUND, TARGET_ATTR, prediction_url
 
@@ -713,7 +713,7 @@ class _LabelTask:
         c = self.config.chunk_size
         first = [b // s for b, s in zip(region.begin, c)]
         last = [(e - 1) // s for e, s in zip(region.end, c)]
-        for pos in itertools.product(*(range(f, l + 1) for f, l in zip(first, last))):
+        for pos in itertools.product(*(range(lo, hi + 1) for lo, hi in zip(first, last))):
             block = self.grid.block_at(pos)
             table = self._map(block.index)
             part = block.write_roi.intersect(region).to_slices(region)

@@ -334,3 +334,36 @@ def test_resume_and_rerun_of_a_seeded_run():
     np.testing.assert_array_equal(read_output(config), first)
     label(config, overwrite=True)
     np.testing.assert_array_equal(read_output(config), first)
+
+
+@pytest.mark.slow
+def test_cli_runs_the_seeded_phases_and_refuses_them_for_connected_components(tmp_path):
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(11)
+    fg = blobs(rng, (8, 9, 10), 0.6)
+    contour = rng.random(fg.shape).astype(np.float32)
+    root = str(tmp_path / "p.zarr")
+    write(root + "/p", fg)
+    write(root + "/p_contour", contour)
+    cfg = tmp_path / "label.yaml"
+    cfg.write_text(f"input_prediction_path: {root}/p\noutput_instance_dir: {tmp_path / 'o.zarr'}\n"
+                   "chunk_size: 4\ninstance_mode: contour\nthres_small_instances: 2\ngrow_distance: 3\n")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "catena_mito", "label", "--config", str(cfg), *args],
+                              capture_output=True, text=True, check=False)
+
+    for phase, shards in (("blocks", 2), ("merge", 1), ("grow", 1), ("sizes", 1), ("relabel", 1)):
+        for i in range(shards):
+            done = cli("--phase", phase, "--shard-index", str(i), "--num-shards", str(shards))
+            assert done.returncode == 0, done.stderr
+    config = LabelConfig(input_prediction_path=root + "/p", output_instance_dir=str(tmp_path / "o.zarr"),
+                         chunk_size=4, instance_mode="contour", thres_small_instances=2, grow_distance=3)
+    np.testing.assert_array_equal(read_output(config), instances_whole_volume(
+        fg, contour, InstanceSettings.from_config(config, "contour", None)))
+    cfg.write_text(f"input_prediction_path: {root}/p\noutput_instance_dir: {tmp_path / 'c.zarr'}\n")
+    refused = cli("--phase", "sizes")
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
+    assert "belongs to the seeded instance modes" in refused.stderr
