@@ -367,3 +367,25 @@ def test_cli_runs_the_seeded_phases_and_refuses_them_for_connected_components(tm
     refused = cli("--phase", "sizes")
     assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
     assert "belongs to the seeded instance modes" in refused.stderr
+
+
+def test_scaled_and_tiff_outputs_of_a_seeded_mode(tmp_path):
+    import tifffile
+
+    rng = np.random.default_rng(2)
+    fg = blobs(rng, (9, 10, 11), 0.6)
+    contour = rng.random(fg.shape).astype(np.float32)
+    root = mem_url("sc")
+    write(root + "/p", fg)
+    write(root + "/p_contour", contour)
+    base = dict(input_prediction_path=root + "/p", chunk_size=4, instance_mode="contour", grow_distance=3,
+                thres_small_instances=2)
+    ref = instances_whole_volume(fg, contour, InstanceSettings.from_config(
+        LabelConfig(output_instance_dir=root + "/x", **base), "contour", None))
+    label(LabelConfig(output_instance_dir=str(tmp_path), output_format="tiff", **base))
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "mito_instances.tif"), ref)
+    scaled = LabelConfig(output_instance_dir=root + "/s", scale_factors=(0.5, 1.5, 2.0), **base)
+    label(scaled)
+    idx = [np.minimum(np.floor((np.arange(max(1, int(np.floor(n * f + 0.5)))) + 0.5) / f).astype(int), n - 1)
+           for n, f in zip(fg.shape, (0.5, 1.5, 2.0))]
+    np.testing.assert_array_equal(read_output(scaled), ref[np.ix_(*idx)])
