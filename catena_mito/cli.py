@@ -161,9 +161,9 @@ def predict(config_path: str, overrides: tuple[str, ...], shard_index: int | Non
 @_config_options
 @_shard_options
 @click.option(
-    "--phase", type=click.Choice(["all", "blocks", "merge", "seeds", "grow", "sizes", "relabel", "clean"]), default="all", show_default=True,
-    help="Run one phase (blocks, seeds, grow and relabel are sharded; merge, sizes and clean are one process) "
-    "or all of them. seeds, grow and sizes exist in the contour and distance instance modes only.",
+    "--phase", type=click.Choice(["all", "blocks", "merge", "grow", "sizes", "relabel", "clean"]), default="all", show_default=True,
+    help="Run one phase (blocks, grow and relabel are sharded; merge, sizes and clean are one process) "
+    "or all of them. grow and sizes exist in the contour and distance instance modes only.",
 )
 @click.option(
     "--wait-timeout", type=float, default=0.0, show_default=True, metavar="SECONDS",

@@ -243,9 +243,9 @@ class LabelConfig(JobConfig):
         "the shape of the foreground); default: beside the prediction, `<input_prediction_path>_contour`.")
     thres_seed: float = Field(0.8, ge=0, le=1, description="Beyond the design. `contour` mode: a seed voxel has "
                               "foreground probability > this (and > `thres_foreground`).")
-    thres_contour: float = Field(0.5, ge=0, le=1, description="Beyond the design. `contour` mode: a seed voxel has "
+    thres_contour: float = Field(0.3, ge=0, le=1, description="Beyond the design. `contour` mode: a seed voxel has "
                                  "contour probability <= this.")
-    thres_small_seeds: int = Field(32, ge=0, description="Beyond the design. `contour`/`distance` modes: seeds "
+    thres_small_seeds: int = Field(8, ge=0, description="Beyond the design. `contour`/`distance` modes: seeds "
                                    "(connected components of seed voxels) smaller than this many voxels (global "
                                    "size) are dropped before growing.")
     grow_distance: int = Field(8, ge=0, description="Beyond the design. `contour`/`distance` modes: a foreground "

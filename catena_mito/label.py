@@ -21,6 +21,25 @@ binarised volume, with the same ids, for any block shape and any number of shard
 volume: per block a few KB (label counts, first voxels, boundary planes) and a lookup table.
 Every phase runs through the one block runner (:mod:`catena_mito.blockwise.runner`).
 
+**Seeded instance modes** (``instance_mode: contour | distance``, the rules in
+:mod:`catena_mito.instances`): the same blocks and merge number the *seeds* (seeds under
+``thres_small_seeds`` voxels dropped), then two more phases::
+
+    blocks   (sharded)  as above, on the seeds; also writes the block's provisional seed
+                        labels and its foreground (largest id value = foreground outside
+                        seeds) into W/runs/<id>/blocks/ids, chunked by half a block
+    merge    (1 proc.)  as above: seed ids 1..S by first voxel
+    grow     (sharded)  per block: read W/runs/<id>/blocks/ids with a halo of
+                        ``grow_distance`` voxels, map each overlapped block's provisional
+                        labels to seed ids, grow (exact with that halo), write the block
+                        → W/runs/<id>/grow/ids, and its per-seed voxel counts
+    sizes    (1 proc.)  sum the counts; grown objects under ``thres_small_instances``
+                        removed; final ids 1..K in seed order → W/runs/<id>/sizes/table.npy
+    relabel  (sharded)  map the grown ids of each block → the output array
+
+Distance seeds read a halo of ``ceil(seed_distance / resolution)`` voxels in the blocks
+phase. Connected-components runs keep their run description (and run ids) unchanged.
+
 Where things go (``W = <output_instance_dir>/.catena/label/<output_filename>``, the run
 records of :mod:`catena_mito.blockwise.runs`)::
 
@@ -28,7 +47,7 @@ records of :mod:`catena_mito.blockwise.runs`)::
     <output_instance_dir>/<output_filename>.tif the output (TIFF, single-process gather)
     W/run.json                                  the run that owns the output
     W/config.yaml                               the resolved config (secrets redacted)
-    W/runs/<id>/{blocks,merge,relabel}/done/    done markers of each phase
+    W/runs/<id>/<phase>/done/                   done markers of each phase
     W/runs/<id>/complete.json                   written when relabel is complete
 
 The run id covers the settings, the block plan and the input's identity (for a
@@ -51,6 +70,7 @@ into its own grid of ``chunk_size`` blocks, one writer per chunk; output chunks 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import os
@@ -97,16 +117,16 @@ from catena_mito.instances.settings import (
     check_unused_fields,
     resolve_mode,
 )
-from catena_mito.instances.whole import seed_mask
 from catena_mito.instances.threshold import foreground
+from catena_mito.instances.whole import seeds_and_mask
 from catena_mito.stitch import BlockResult, boundary_pairs, forward_offsets, global_table
 from catena_mito.targets import FOREGROUND, TARGET_ATTR, prediction_url
 
 log = logging.getLogger(__name__)
 
-PHASES = ("all", "blocks", "merge", "seeds", "grow", "sizes", "relabel", "clean")
+PHASES = ("all", "blocks", "merge", "grow", "sizes", "relabel", "clean")
 #: Phases only the seeded modes (contour, distance) have.
-INSTANCE_PHASES = ("seeds", "grow", "sizes")
+INSTANCE_PHASES = ("grow", "sizes")
 TIFF_SUFFIXES = (".tif", ".tiff")
 #: Environment variable that sets the most bytes a TIFF output may gather in memory.
 TIFF_LIMIT_ENV = "CATENA_TIFF_MAX_BYTES"
@@ -426,8 +446,8 @@ class _LabelTask:
         }
         relabel_blocks = 1 if self.tiff else self.out_grid.num_blocks
         n = self.grid.num_blocks
-        return RunSpec("label", description, (("blocks", n), ("merge", 1), ("seeds", n), ("grow", n),
-                                               ("sizes", 1), ("relabel", relabel_blocks)))
+        return RunSpec("label", description, (("blocks", n), ("merge", 1), ("grow", n), ("sizes", 1),
+                                               ("relabel", relabel_blocks)))
 
     # -- bookkeeping --------------------------------------------------------------------
 
@@ -532,21 +552,39 @@ class _LabelTask:
         """
         if not self.instances:
             return self.input.foreground(roi, self.config.thres_foreground)
+        return self._block_masks(roi)[0]
+
+    def _block_masks(self, roi: Roi) -> tuple[np.ndarray, np.ndarray]:
+        """The seeds and the foreground mask of ``roi`` in a seeded mode."""
         region = roi.grow(self.seed_halo).intersect(self.grid.volume_roi)
         fg = self.input.read(region)
         contour = self.contour.read(region) if self.contour is not None else None
-        seeds = seed_mask(fg, contour, self.settings, self.input.where(region))
-        return np.ascontiguousarray(seeds[roi.to_slices(region)])
+        seeds, mask = seeds_and_mask(fg, contour, self.settings, self.input.where(region))
+        inner = roi.to_slices(region)
+        return np.ascontiguousarray(seeds[inner]), np.ascontiguousarray(mask[inner])
 
     def run_blocks(self, shard_index: int, num_shards: int, overwrite: bool) -> None:
-        def compute(block: Block, _: Any) -> tuple[bytes, int]:
-            labels, n = connected_components(self._block_mask(block.write_roi), self.config.connectivity)
+        # seeded modes also keep each block's provisional seed labels and its foreground
+        # (one small-chunked array, see _provisional), read with a halo by the grow phase
+        prov = self._provisional_array() if self.instances else None
+
+        def compute(block: Block, _: Any) -> tuple[bytes, int, np.ndarray | None]:
+            if prov is None:
+                labels, n = connected_components(self._block_mask(block.write_roi), self.config.connectivity)
+                ids = None
+            else:
+                seeds, mask = self._block_masks(block.write_roi)
+                labels, n = connected_components(seeds, self.config.connectivity)
+                ids = labels.astype(prov.dtype)
+                ids[mask & (labels == 0)] = np.iinfo(prov.dtype).max
             result = BlockResult.from_labels(labels, n, block.write_roi.offset, self.input.shape)
             buffer = io.BytesIO()
             np.savez_compressed(buffer, **result.to_npz_dict())
-            return buffer.getvalue(), n
+            return buffer.getvalue(), n, ids
 
-        def write(block: Block, out: tuple[bytes, int]) -> dict:
+        def write(block: Block, out: tuple[bytes, int, np.ndarray | None]) -> dict:
+            if prov is not None:
+                prov[block.write_roi.to_slices()] = out[2]
             storage.write_bytes(self.block_data(block.index), out[0], self.options)
             return {"labels": out[1]}
 
@@ -631,20 +669,61 @@ class _LabelTask:
 
         with ThreadPoolExecutor(SMALL_FILE_THREADS) as pool:
             list(pool.map(write_map, range(self.grid.num_blocks)))
-        if self.instances:
-            for name in ("seeds", "grow"):  # created here by the one merge process, as the output
-                storage.create_array(self._ids_url(name), self.input.shape, dtype, self.config.chunk_size,
-                                     overwrite=True, storage_options=self.options)
+        if self.instances:  # created here by the one merge process, as the output
+            storage.create_array(self._ids_url("grow"), self.input.shape, dtype, self._ids_chunks(),
+                                 overwrite=True, storage_options=self.options)
         elif not self.tiff:
             self._create_output(dtype)
         return {"num_objects": table.num_objects, "num_removed": table.num_removed,
                 "dtype": str(dtype), "output_shape": list(self.out_shape)}
 
-    # -- seeds, grow, sizes (the seeded modes) --------------------------------------------
+    # -- grow, sizes (the seeded modes) ---------------------------------------------------
 
     def _ids_url(self, phase: str) -> str:
         """The intermediate id volume a seeded phase writes (seed ids, grown ids)."""
         return self.url(phase, "ids")
+
+    def _ids_chunks(self) -> tuple[int, int, int]:
+        """Chunks of the intermediate id volumes: the grow phase reads a block with a halo of
+        ``grow_distance``, and each chunk it touches is decoded whole; with chunks of half a
+        block (a divisor of the block, at least the halo and 32 voxels) a halo read decodes
+        about 8 blocks' worth instead of the 27 around it, while chunks stay large enough
+        for zarr's per-chunk overhead (about 1 ms) not to dominate (measured: 64³ beats
+        32³ and 128³ for 128³ blocks)."""
+        out = []
+        for c in self.config.chunk_size:
+            want = max(32, self.settings.grow_distance, -(-c // 2))
+            out.append(next((d for d in range(want, c + 1) if c % d == 0), c))
+        return tuple(out)  # type: ignore[return-value]
+
+    def _provisional_array(self) -> Any:
+        """The blocks phase's provisional seed labels (open-or-create: shards share it)."""
+        block_voxels = math.prod(self.config.chunk_size)
+        dtype = np.uint32 if block_voxels < np.iinfo(np.uint32).max else np.uint64
+        return storage.create_array(self._ids_url("blocks"), self.input.shape, dtype, self._ids_chunks(),
+                                    storage_options=self.options)
+
+    def _global_seeds(self, prov: Any, region: Roi, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Global seed ids and the foreground in ``region``, from the provisional labels of
+        every block it overlaps, each mapped through that block's table from the merge."""
+        values = np.asarray(prov[region.to_slices()])
+        outside = np.iinfo(values.dtype).max
+        mask = values != 0
+        seeds = np.zeros(region.shape, dtype)
+        c = self.config.chunk_size
+        first = [b // s for b, s in zip(region.begin, c)]
+        last = [(e - 1) // s for e, s in zip(region.end, c)]
+        for pos in itertools.product(*(range(lo, hi + 1) for lo, hi in zip(first, last))):
+            block = self.grid.block_at(pos)
+            table = self._map(block.index)
+            part = block.write_roi.intersect(region).to_slices(region)
+            local = values[part]
+            local = np.where(local == outside, 0, local)
+            if local.size and int(local.max()) >= len(table):
+                raise DataError(f"provisional labels of block {block.index} exceed its {len(table) - 1} "
+                                "labels of the merge; rerun every phase with --overwrite")
+            seeds[part] = table[local]
+        return seeds, mask
 
     def _grow_counts(self, i: int) -> str:
         return self.url("grow", "counts", f"{i}.npz")
@@ -662,51 +741,28 @@ class _LabelTask:
                                f"{list(self.input.shape)}; rerun --phase merge with --overwrite")
         return arr
 
-    def run_seeds(self, shard_index: int, num_shards: int, overwrite: bool, wait_timeout: float) -> None:
-        """Write each block's global seed ids (its seeds, numbered by the merge's tables)."""
-        self._require_instances("seeds")
+    def run_grow(self, shard_index: int, num_shards: int, overwrite: bool, wait_timeout: float) -> None:
+        """Grow the seeds into the foreground; each block reads a halo of ``grow_distance``."""
+        self._require_instances("grow")
         merge = self.store.markers(self.spec.run_id, "merge")
         self.wait_for(lambda: [] if merge.is_done(0) else ["the merge marker"], wait_timeout,
                       f"the label merge of run {self.spec.run_id} at {self.store.shown}",
                       "run `catena-mito label --phase merge` first")
-        dtype = np.dtype(merge.read(0)["dtype"])
-        out = self._open_ids("seeds", "r+")
-        self._maps = OrderedDict()
-
-        def compute(block: Block, _: Any) -> np.ndarray:
-            table = self._map(block.index)
-            if not table.any():  # no kept seed here: skip reading the inputs
-                return np.zeros(block.write_roi.shape, dtype)
-            return table[self._source_labels(block, table)]
-
-        def write(block: Block, data: np.ndarray) -> None:
-            out[block.write_roi.to_slices()] = data
-
-        self._run("seeds", self.grid.blocks(), BlockSteps(compute=compute, write=write, parallel=True),
-                  shard_index, num_shards, overwrite, f"label seeds {shard_index}/{num_shards}")
-
-    def run_grow(self, shard_index: int, num_shards: int, overwrite: bool, wait_timeout: float) -> None:
-        """Grow the seeds into the foreground; each block reads a halo of ``grow_distance``."""
-        self._require_instances("grow")
-        markers = self.store.markers(self.spec.run_id, "seeds")
-        indices = range(self.grid.num_blocks)
-        self.wait_for(lambda: [f"block {i}" for i in markers.missing(indices)], wait_timeout,
-                      f"the label seeds phase of run {self.spec.run_id} at {self.store.shown}",
-                      "run `catena-mito label --phase seeds` for every shard first")
-        seeds = self._open_ids("seeds", "r")
+        prov = self._open_ids("blocks", "r")
         out = self._open_ids("grow", "r+")
         distance = self.settings.grow_distance
         volume = self.grid.volume_roi
+        self._maps = OrderedDict()
+        # a block's halo reaches the blocks around it: keep the tables of two planes of
+        # blocks (C order), so that each is read about once
+        _, gy, gx = self.grid.grid_shape
+        self._map_cache = max(64, 2 * (gy * gx + gx + 1) + 2 * self.threads)
 
         def compute(block: Block, _: Any) -> tuple[np.ndarray, bytes]:
             roi = block.write_roi
             region = roi.grow(distance).intersect(volume)
-            ids = np.asarray(seeds[region.to_slices()])
-            if ids.any():
-                mask = self.input.foreground(region, self.config.thres_foreground)
-                grown = grow(ids, mask, self.config.connectivity, distance)[roi.to_slices(region)]
-            else:
-                grown = np.zeros(roi.shape, ids.dtype)
+            seeds, mask = self._global_seeds(prov, region, out.dtype)
+            grown = grow(seeds, mask, self.config.connectivity, distance)[roi.to_slices(region)]
             import fastremap
 
             uniq, counts = fastremap.unique(grown, return_counts=True)
@@ -875,13 +931,17 @@ class _LabelTask:
             with _NPY_HEADER_LOCK:
                 table = np.load(io.BytesIO(data))
             self._maps[index] = table
-            while len(self._maps) > 64:  # the tables of recent blocks (scaled outputs reuse them)
+            # the tables of recent blocks (scaled outputs and the grow halo reuse them)
+            while len(self._maps) > getattr(self, "_map_cache", 64):
                 self._maps.popitem(last=False)
         return table
 
     def _source_labels(self, block: Block, table: np.ndarray) -> np.ndarray:
         """Block ``block``'s provisional labels, recomputed exactly as in the blocks phase."""
-        labels, n = connected_components(self._block_mask(block.write_roi), self.config.connectivity)
+        return self._check_count(block, table, *connected_components(self._block_mask(block.write_roi),
+                                                                     self.config.connectivity))
+
+    def _check_count(self, block: Block, table: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
         if n != len(table) - 1:
             raise DataError(
                 f"input_prediction_path {self.input.shown!r}"
@@ -983,8 +1043,12 @@ class _LabelTask:
             "blocks_total": self.grid.num_blocks, "relabel_blocks_total": self.spec.num_blocks("relabel"),
             "blocks_per_shard": [len(range(k, self.grid.num_blocks, num_shards)) for k in range(num_shards)],
             "threads": self.threads,
-            # per block in flight: the input values, the mask, the labels (uint32) and the npz
-            "peak_memory_bytes_per_worker": int(self.threads * block_voxels * (itemsize + 1 + 4 + 4)),
+            # per block in flight: the input values, the mask, the labels (uint32) and the npz;
+            # seeded modes: the grow phase's block + halo (ids, mask, growth state, copies)
+            "peak_memory_bytes_per_worker": int(self.threads * max(
+                block_voxels * (itemsize * (2 if self.contour is not None else 1) + 1 + 4 + 4 + 4),
+                math.prod(c + 2 * self.settings.grow_distance + 2 for c in self.config.chunk_size) * 22,
+            ) if self.instances else self.threads * block_voxels * (itemsize + 1 + 4 + 4)),
             "output_bytes_at_least": int(math.prod(self.out_shape)) * 4,
             "output_state": state,
             "instance_mode": self.mode,
@@ -1072,7 +1136,6 @@ def label(
             task.run_blocks(0, 1, overwrite)
             task.run_merge(overwrite, wait_timeout)
             if task.instances:
-                task.run_seeds(0, 1, overwrite, wait_timeout)
                 task.run_grow(0, 1, overwrite, wait_timeout)
                 task.run_sizes(overwrite, wait_timeout)
             task.run_relabel(0, 1, overwrite, wait_timeout)
@@ -1081,8 +1144,6 @@ def label(
         task.run_blocks(shard_index, num_shards, overwrite)
     elif phase == "merge":
         task.run_merge(overwrite, wait_timeout)
-    elif phase == "seeds":
-        task.run_seeds(shard_index, num_shards, overwrite, wait_timeout)
     elif phase == "grow":
         task.run_grow(shard_index, num_shards, overwrite, wait_timeout)
     elif phase == "sizes":

@@ -112,7 +112,7 @@ def write(url: str, values: np.ndarray, res=(8.0, 8.0, 8.0), attrs=None, chunks=
 
 
 def run_sharded(config: LabelConfig, shards: int) -> None:
-    for phase in ("blocks", "merge", "seeds", "grow", "sizes", "relabel"):
+    for phase in ("blocks", "merge", "grow", "sizes", "relabel"):
         for i in range(1 if phase in ("merge", "sizes") else shards):
             label(config, phase=phase, shard_index=i, num_shards=1 if phase in ("merge", "sizes") else shards)
 
@@ -263,7 +263,7 @@ def test_settings_that_change_values_are_in_the_run_id():
     write(root + "/p_contour", np.zeros((4, 4, 4), np.float32))
     base = dict(input_prediction_path=root + "/p", output_instance_dir=root + "/o", instance_mode="contour")
     ids = {_task(**base).spec.run_id}
-    for key, value in (("thres_seed", 0.9), ("thres_contour", 0.3), ("thres_small_seeds", 5), ("grow_distance", 2)):
+    for key, value in (("thres_seed", 0.9), ("thres_contour", 0.45), ("thres_small_seeds", 5), ("grow_distance", 2)):
         ids.add(_task(**base, **{key: value}).spec.run_id)
     ids.add(_task(input_prediction_path=root + "/p", output_instance_dir=root + "/o", instance_mode="distance").spec.run_id)
     assert len(ids) == 6
@@ -317,13 +317,16 @@ def test_resume_and_rerun_of_a_seeded_run():
     write(root + "/p_contour", rng.random(fg.shape).astype(np.float32))
     config = LabelConfig(input_prediction_path=root + "/p", output_instance_dir=root + "/o", chunk_size=(5, 6, 7),
                          instance_mode="contour", thres_small_instances=2, grow_distance=2)
-    label(config, phase="blocks")
+    label(config, phase="blocks", shard_index=0, num_shards=2)
+    with pytest.raises(PhaseError, match="blocks phase .* is not complete"):
+        label(config, phase="merge")
+    label(config, phase="blocks", shard_index=1, num_shards=2)
     label(config, phase="merge")
-    label(config, phase="seeds", shard_index=0, num_shards=2)
-    with pytest.raises(PhaseError, match="seeds phase .* is not complete"):
-        label(config, phase="grow")
-    label(config, phase="seeds", shard_index=1, num_shards=2)
-    for phase in ("grow", "sizes", "relabel"):
+    label(config, phase="grow", shard_index=1, num_shards=2)
+    with pytest.raises(PhaseError, match="grow phase .* is not complete"):
+        label(config, phase="sizes")
+    label(config, phase="grow", shard_index=0, num_shards=2)
+    for phase in ("sizes", "relabel"):
         label(config, phase=phase)
     first = read_output(config)
     again = label(config)  # complete: nothing to do
@@ -331,3 +334,58 @@ def test_resume_and_rerun_of_a_seeded_run():
     np.testing.assert_array_equal(read_output(config), first)
     label(config, overwrite=True)
     np.testing.assert_array_equal(read_output(config), first)
+
+
+@pytest.mark.slow
+def test_cli_runs_the_seeded_phases_and_refuses_them_for_connected_components(tmp_path):
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(11)
+    fg = blobs(rng, (8, 9, 10), 0.6)
+    contour = rng.random(fg.shape).astype(np.float32)
+    root = str(tmp_path / "p.zarr")
+    write(root + "/p", fg)
+    write(root + "/p_contour", contour)
+    cfg = tmp_path / "label.yaml"
+    cfg.write_text(f"input_prediction_path: {root}/p\noutput_instance_dir: {tmp_path / 'o.zarr'}\n"
+                   "chunk_size: 4\ninstance_mode: contour\nthres_small_instances: 2\ngrow_distance: 3\n")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "catena_mito", "label", "--config", str(cfg), *args],
+                              capture_output=True, text=True, check=False)
+
+    for phase, shards in (("blocks", 2), ("merge", 1), ("grow", 1), ("sizes", 1), ("relabel", 1)):
+        for i in range(shards):
+            done = cli("--phase", phase, "--shard-index", str(i), "--num-shards", str(shards))
+            assert done.returncode == 0, done.stderr
+    config = LabelConfig(input_prediction_path=root + "/p", output_instance_dir=str(tmp_path / "o.zarr"),
+                         chunk_size=4, instance_mode="contour", thres_small_instances=2, grow_distance=3)
+    np.testing.assert_array_equal(read_output(config), instances_whole_volume(
+        fg, contour, InstanceSettings.from_config(config, "contour", None)))
+    cfg.write_text(f"input_prediction_path: {root}/p\noutput_instance_dir: {tmp_path / 'c.zarr'}\n")
+    refused = cli("--phase", "sizes")
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
+    assert "belongs to the seeded instance modes" in refused.stderr
+
+
+def test_scaled_and_tiff_outputs_of_a_seeded_mode(tmp_path):
+    import tifffile
+
+    rng = np.random.default_rng(2)
+    fg = blobs(rng, (9, 10, 11), 0.6)
+    contour = rng.random(fg.shape).astype(np.float32)
+    root = mem_url("sc")
+    write(root + "/p", fg)
+    write(root + "/p_contour", contour)
+    base = dict(input_prediction_path=root + "/p", chunk_size=4, instance_mode="contour", grow_distance=3,
+                thres_small_instances=2)
+    ref = instances_whole_volume(fg, contour, InstanceSettings.from_config(
+        LabelConfig(output_instance_dir=root + "/x", **base), "contour", None))
+    label(LabelConfig(output_instance_dir=str(tmp_path), output_format="tiff", **base))
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "mito_instances.tif"), ref)
+    scaled = LabelConfig(output_instance_dir=root + "/s", scale_factors=(0.5, 1.5, 2.0), **base)
+    label(scaled)
+    idx = [np.minimum(np.floor((np.arange(max(1, int(np.floor(n * f + 0.5)))) + 0.5) / f).astype(int), n - 1)
+           for n, f in zip(fg.shape, (0.5, 1.5, 2.0))]
+    np.testing.assert_array_equal(read_output(scaled), ref[np.ix_(*idx)])

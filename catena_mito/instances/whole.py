@@ -28,17 +28,24 @@ def number_by_first_voxel(labels: np.ndarray, min_size: int) -> np.ndarray:
     return table[labels]
 
 
-def seed_mask(fg: np.ndarray, contour: np.ndarray | None, s: InstanceSettings, where: str = "input") -> np.ndarray:
-    """The seeds of ``s.mode`` on a whole volume (or a block read with its halo)."""
+def seeds_and_mask(fg: np.ndarray, contour: np.ndarray | None, s: InstanceSettings,
+                   where: str = "input") -> tuple[np.ndarray, np.ndarray]:
+    """The seeds of ``s.mode`` and the foreground mask, on a whole volume (or a block read
+    with its halo)."""
     mask = foreground(fg, s.thres_foreground, where)
     if s.mode == CONTOUR:
         if contour is None:
             raise ValueError("instance mode 'contour' needs a contour volume")
-        return seed_rules.contour_seeds(mask, foreground(fg, s.thres_seed, where),
-                                        ~foreground(contour, s.thres_contour, where))
+        high = mask if s.thres_seed <= s.thres_foreground else foreground(fg, s.thres_seed, where)
+        return seed_rules.contour_seeds(mask, high, ~foreground(contour, s.thres_contour, where)), mask
     if s.mode == DISTANCE:
-        return seed_rules.distance_seeds(mask, s.seed_distance, s.resolution)
+        return seed_rules.distance_seeds(mask, s.seed_distance, s.resolution), mask
     raise ValueError(f"no seeds in instance mode {s.mode!r}")
+
+
+def seed_mask(fg: np.ndarray, contour: np.ndarray | None, s: InstanceSettings, where: str = "input") -> np.ndarray:
+    """The seeds of ``s.mode`` (see :func:`seeds_and_mask`)."""
+    return seeds_and_mask(fg, contour, s, where)[0]
 
 
 def instances_whole_volume(fg: np.ndarray, contour: np.ndarray | None, s: InstanceSettings) -> np.ndarray:

@@ -1,0 +1,345 @@
+"""Benchmark the instance modes of ``catena-mito label`` (issue 12).
+
+Three figures, one subcommand each:
+
+``quality``  perfect inputs (foreground = the ground-truth mask, contour =
+             ``targets.instance_contour(ids, width)``) on synthetic volumes of several
+             seeds: instance F1 at IoU 0.5 and 0.75 of ``contour`` and of
+             ``connected_components``, and an upper bound: how many ground-truth objects
+             are one connected piece whose seed region (mask minus contour) is one piece
+             too — no seeded method can find the others as one object. ``--noise`` and
+             ``--blur`` degrade the perfect inputs (Gaussian blur, then additive noise,
+             clipped to [0, 1]). Goal: F1@0.75 >= 0.98.
+``sweep``    mean F1 over seeds on degraded inputs, for a grid of ``thres_seed``,
+             ``thres_contour`` and ``grow_distance`` (the tables in docs/tuning.md);
+             ``--mode distance`` sweeps ``seed_distance`` and ``grow_distance`` instead
+             (on the foreground only).
+``speed``    label --phase all (one process, Zarr in and out, local disk) on the same
+             512³ input in ``contour`` and ``connected_components`` mode, and one bare
+             ``cc3d.connected_components`` call on the whole mask, each in a fresh
+             subprocess; peak RSS at 512³ and 256³ (8× the voxels) in contour mode.
+             Goals: time contour / CC <= 2.5, peak RSS 8× / 1× <= 1.1.
+
+``score`` scores a real prediction (after the demo model predicts a contour):
+``--prediction URL`` (the foreground; the contour beside it) against ``--labels URL``.
+
+    .venv/bin/python bench/instances.py quality [--seeds 0 1 2] [--size 128] [--noise 0 --blur 0]
+    .venv/bin/python bench/instances.py sweep   [--seeds 0 1 2] [--size 96] [--noise 0.15 --blur 1]
+    .venv/bin/python bench/instances.py sweep   --mode distance --blur 0 --noise 0
+    .venv/bin/python bench/instances.py speed   [--size 512] [--small 256] [--block 128] [--keep DIR]
+    .venv/bin/python bench/instances.py score   --prediction URL --labels URL [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def perfect_inputs(ids: np.ndarray, width: int, blur: float, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground and contour probabilities (float32) from ground-truth ``ids``, degraded."""
+    from scipy import ndimage
+
+    from catena_mito.targets import instance_contour
+
+    rng = np.random.default_rng(1000 + seed)
+    out = []
+    for target in ((ids > 0), instance_contour(ids, width)):
+        p = target.astype(np.float32)
+        if blur > 0:
+            p = ndimage.gaussian_filter(p, blur)
+        if noise > 0:
+            p = p + rng.normal(0, noise, p.shape).astype(np.float32)
+        out.append(np.clip(p, 0, 1).astype(np.float32))
+    return out[0], out[1]
+
+
+def scores(gt: np.ndarray, pred: np.ndarray) -> dict:
+    from catena_mito.instance_metrics import Contingency, instance_scores
+
+    c = Contingency()
+    c.update(gt, pred)
+    s = instance_scores(c.tables())
+    return {"n_gt": s["n_gt"], "n_pred": s["n_pred"],
+            **{f"f1@{t}": s["thresholds"][t]["f1"] for t in ("0.5", "0.75")}}
+
+
+def seedable(ids: np.ndarray, width: int) -> int:
+    """Ground-truth objects that are one 26-connected piece with a one-piece interior."""
+    import cc3d
+
+    from catena_mito.targets import instance_contour
+
+    interior = np.where(instance_contour(ids, width), 0, ids)
+    n = 0
+    for g in np.unique(ids)[1:]:
+        m = ids == g
+        if cc3d.connected_components(m, connectivity=26).max() == 1 and \
+                cc3d.connected_components(interior == g, connectivity=26).max() == 1:
+            n += 1
+    return n
+
+
+def settings(mode: str, **kw):
+    from catena_mito.instances import InstanceSettings
+
+    base = dict(thres_foreground=0.5, thres_small_instances=100, connectivity=26, thres_seed=0.8,
+                thres_contour=0.3, thres_small_seeds=8, grow_distance=8)  # LabelConfig's defaults
+    base.update(kw)
+    return InstanceSettings(mode=mode, **base)
+
+
+def volume(size: int, seed: int) -> np.ndarray:
+    from catena_mito.synthetic import make_volume
+
+    return make_volume((size,) * 3, seed=seed)["mito_ids"]
+
+
+# --- quality --------------------------------------------------------------------------------
+
+
+def cmd_quality(args) -> None:
+    from catena_mito.instances import instances_whole_volume
+
+    print(f"perfect inputs, {args.size}³ synthetic at 8 nm, contour width {args.width}, blur {args.blur}, "
+          f"noise {args.noise}; thres_small_instances {args.min_size}")
+    print("seed  gt  seedable | CC n F1@.5 F1@.75 | contour n F1@.5 F1@.75")
+    rows = []
+    for seed in args.seeds:
+        ids = volume(args.size, seed)
+        fg, contour = perfect_inputs(ids, args.width, args.blur, args.noise, seed)
+        cc = scores(ids, instances_whole_volume(fg, None, settings("connected_components",
+                                                                  thres_small_instances=args.min_size)))
+        ct = scores(ids, instances_whole_volume(fg, contour, settings(
+            "contour", thres_small_instances=args.min_size, grow_distance=args.grow_distance,
+            thres_seed=args.thres_seed, thres_contour=args.thres_contour, thres_small_seeds=args.small_seeds)))
+        ok = seedable(ids, args.width)
+        rows.append((cc, ct, ok))
+        print(f"{seed:4d} {cc['n_gt']:4d} {ok:6d}   | {cc['n_pred']:4d} {cc['f1@0.5']:.3f} {cc['f1@0.75']:.3f} | "
+              f"{ct['n_pred']:4d} {ct['f1@0.5']:.3f} {ct['f1@0.75']:.3f}")
+    mean = lambda k, i: float(np.mean([r[i][k] for r in rows]))  # noqa: E731
+    print(f"mean              | CC F1@.5 {mean('f1@0.5', 0):.3f} F1@.75 {mean('f1@0.75', 0):.3f} | "
+          f"contour F1@.5 {mean('f1@0.5', 1):.3f} F1@.75 {mean('f1@0.75', 1):.3f}  (goal F1@.75 >= 0.98)")
+
+
+def cmd_sweep(args) -> None:
+    from catena_mito.instances import instances_whole_volume
+
+    data = []
+    for seed in args.seeds:
+        ids = volume(args.size, seed)
+        data.append((ids, *perfect_inputs(ids, args.width, args.blur, args.noise, seed)))
+    print(f"mean F1@0.75 over seeds {args.seeds}, {args.size}³, contour width {args.width}, blur {args.blur}, "
+          f"noise {args.noise}, thres_small_seeds {args.small_seeds}, thres_small_instances {args.min_size}")
+    if args.mode == "distance":
+        print("| seed_distance (nm) | grow_distance | F1@0.5 | F1@0.75 |")
+        print("|---|---|---|---|")
+        grid = [(None, None, t, d) for t, d in itertools.product(args.seed_distance, args.grow_distance)]
+    else:
+        print("| thres_seed | thres_contour | grow_distance | F1@0.5 | F1@0.75 |")
+        print("|---|---|---|---|---|")
+        grid = [(ts, tc, None, d) for ts, tc, d in
+                itertools.product(args.thres_seed, args.thres_contour, args.grow_distance)]
+    for ts, tc, sd, d in grid:
+        f5, f75 = [], []
+        for ids, fg, contour in data:
+            kw = (dict(seed_distance=sd, resolution=(8.0, 8.0, 8.0)) if args.mode == "distance"
+                  else dict(thres_seed=ts, thres_contour=tc))
+            s = scores(ids, instances_whole_volume(fg, contour, settings(
+                args.mode, grow_distance=d, thres_small_seeds=args.small_seeds,
+                thres_small_instances=args.min_size, **kw)))
+            f5.append(s["f1@0.5"])
+            f75.append(s["f1@0.75"])
+        head = f"| {sd:g} | {d} |" if args.mode == "distance" else f"| {ts} | {tc} | {d} |"
+        print(f"{head} {np.mean(f5):.3f} | {np.mean(f75):.3f} |", flush=True)
+
+
+# --- speed ----------------------------------------------------------------------------------
+
+CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+mode, inp, out, block = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+from catena_mito import storage
+import catena_mito.label  # imports outside the timed part
+
+if mode == "cc3d":
+    import cc3d
+    mask = storage.open_volume(inp)[...] > 0.5
+    cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    t = time.perf_counter()
+    labels, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+    elapsed = time.perf_counter() - t
+    objects = n
+else:
+    from catena_mito.config import LabelConfig
+    from catena_mito.label import label
+    config = LabelConfig(input_prediction_path=inp, output_instance_dir=out, chunk_size=block,
+                         instance_mode=mode, connectivity=26)
+    cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    t = time.perf_counter()
+    objects = label(config).num_objects
+    elapsed = time.perf_counter() - t
+usage = resource.getrusage(resource.RUSAGE_SELF)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child of a big parent
+# would report the parent's peak
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": elapsed, "cpu_seconds": usage.ru_utime + usage.ru_stime - cpu0,
+                  "peak_rss": peak, "objects": int(objects)}))
+"""
+
+
+def write_inputs(url: str, size: int, block: int, seed: int) -> None:
+    """Synthetic ``mito_ids`` → foreground and contour arrays (perfect), chunk by chunk.
+
+    The contour of a chunk is computed from the chunk read with a halo of one voxel, which
+    equals the whole-volume contour (``instance_contour`` treats outside as the edge voxel).
+    """
+    from catena_mito import storage
+    from catena_mito.synthetic import write_synthetic_dataset
+    from catena_mito.targets import instance_contour
+
+    write_synthetic_dataset(url, (size,) * 3, seed=seed, chunks=(block,) * 3)
+    ids = storage.open_array(storage.join_url(url, "volumes/labels/mito_ids"))
+    attrs = storage.spatial_attrs((8, 8, 8))
+    fg = storage.create_array(storage.join_url(url, "volumes/predictions/mito"), (size,) * 3, np.float32,
+                              (block,) * 3, overwrite=True, attrs=attrs)
+    ct = storage.create_array(storage.join_url(url, "volumes/predictions/mito_contour"), (size,) * 3,
+                              np.float32, (block,) * 3, overwrite=True, attrs=attrs)
+    for z, y, x in itertools.product(range(0, size, block), repeat=3):
+        lo = [max(0, c - 1) for c in (z, y, x)]
+        hi = [min(size, c + block + 1) for c in (z, y, x)]
+        part = ids[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        inner = tuple(slice(c - a, c - a + min(block, size - c)) for c, a in zip((z, y, x), lo))
+        sl = tuple(slice(c, c + block) for c in (z, y, x))
+        fg[sl] = (part[inner] > 0).astype(np.float32)
+        ct[sl] = instance_contour(part)[inner].astype(np.float32)
+
+
+def run_child(mode: str, inp: str, out: str, block: int) -> dict:
+    result = subprocess.run([sys.executable, "-c", CHILD, mode, inp, out, str(block)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{mode} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def cmd_speed(args) -> None:
+    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="catena-bench-instances-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        inputs = {}
+        for size in (args.size, args.small):
+            url = str(tmp / f"synthetic{size}.zarr")
+            if not (Path(url) / "volumes/predictions/mito_contour/zarr.json").exists():
+                t = time.perf_counter()
+                write_inputs(url, size, args.block, args.seed)
+                print(f"wrote {size}³ inputs in {time.perf_counter() - t:.1f} s", flush=True)
+            inputs[size] = url + "/volumes/predictions/mito"
+
+        def best(mode: str, size: int) -> dict:
+            runs = []
+            for k in range(args.repeats):
+                out = tmp / f"out-{mode}-{size}-{k}.zarr"
+                shutil.rmtree(out, ignore_errors=True)
+                runs.append(run_child(mode, inputs[size], str(out), args.block))
+                shutil.rmtree(out, ignore_errors=True)
+                print(f"  {mode} {size}³ run {k}: {runs[-1]}", flush=True)
+            return min(runs, key=lambda r: r["seconds"]) | {"peak_rss": max(r["peak_rss"] for r in runs)}
+
+        bare = best("cc3d", args.size)
+        cc = best("connected_components", args.size)
+        ct = best("contour", args.size)
+        small = best("contour", args.small)
+        mib = 2**20
+        print(f"\n{args.size}³ float32 foreground + contour (perfect, synthetic seed {args.seed}), blocks "
+              f"{args.block}³, 26-connectivity, {args.repeats} run(s) each, best kept; wall and CPU seconds "
+              "(user + system, all threads: the work, less sensitive to other load than wall time)")
+        print(f"  one bare cc3d call on the whole mask:  {bare['seconds']:.2f} s, CPU {bare['cpu_seconds']:.2f} s "
+              f"({bare['objects']} components)")
+        for name, r in (("connected_components", cc), ("contour", ct), (f"contour at {args.small}³", small)):
+            print(f"  label {name:24s}  {r['seconds']:.2f} s, CPU {r['cpu_seconds']:.2f} s, peak RSS "
+                  f"{r['peak_rss'] / mib:.0f} MiB, {r['objects']} objects")
+        print(f"time contour / connected_components:  wall {ct['seconds'] / cc['seconds']:.2f}, "
+              f"CPU {ct['cpu_seconds'] / cc['cpu_seconds']:.2f}  (goal <= 2.5)")
+        print(f"time contour / bare cc3d:             wall {ct['seconds'] / bare['seconds']:.1f}, "
+              f"CPU {ct['cpu_seconds'] / bare['cpu_seconds']:.1f}  (context)")
+        print(f"peak RSS contour {args.size}³ / {args.small}³:      {ct['peak_rss'] / small['peak_rss']:.2f}  "
+              "(goal <= 1.1)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- a real prediction ----------------------------------------------------------------------
+
+
+def cmd_score(args) -> None:
+    """Label a prediction with a config (``--set`` overrides) and score it against labels."""
+    from catena_mito import storage
+    from catena_mito.config import LabelConfig, apply_overrides
+    from catena_mito.label import label
+
+    out = tempfile.mkdtemp(prefix="catena-bench-score-")
+    try:
+        data = apply_overrides({"input_prediction_path": args.prediction, "output_instance_dir": out}, args.set)
+        config = LabelConfig(**data)
+        summary = label(config)
+        pred = storage.open_array(summary.output_url)[...]
+        gt = storage.open_array(args.labels)[...]
+        print(json.dumps({"settings": data, **scores(gt, pred)}))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("quality", "sweep"):
+        p = sub.add_parser(name)
+        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        p.add_argument("--size", type=int, default=128 if name == "quality" else 96)
+        p.add_argument("--width", type=int, default=1, help="contour width (voxels)")
+        p.add_argument("--blur", type=float, default=0.0 if name == "quality" else 1.0)
+        p.add_argument("--noise", type=float, default=0.0 if name == "quality" else 0.15)
+        p.add_argument("--min-size", type=int, default=100, help="thres_small_instances")
+        p.add_argument("--small-seeds", type=int, default=8, help="thres_small_seeds")
+        multi = name == "sweep"
+        p.add_argument("--thres-seed", type=float, nargs="+" if multi else None,
+                       default=[0.7, 0.8, 0.9] if multi else 0.8)
+        p.add_argument("--thres-contour", type=float, nargs="+" if multi else None,
+                       default=[0.2, 0.3, 0.4, 0.5] if multi else 0.3)
+        p.add_argument("--grow-distance", type=int, nargs="+" if multi else None,
+                       default=[4, 8] if multi else 8)
+        if multi:
+            p.add_argument("--mode", choices=["contour", "distance"], default="contour")
+            p.add_argument("--seed-distance", type=float, nargs="+", default=[24.0, 32.0, 40.0, 48.0],
+                           help="distance mode (nm; the synthetic volumes are at 8 nm)")
+    p = sub.add_parser("speed")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--small", type=int, default=256)
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="timing runs each (best is kept)")
+    p.add_argument("--keep", help="directory for the inputs (reused when present)")
+    p = sub.add_parser("score")
+    p.add_argument("--prediction", required=True)
+    p.add_argument("--labels", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    {"quality": cmd_quality, "sweep": cmd_sweep, "speed": cmd_speed, "score": cmd_score}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
