@@ -263,20 +263,22 @@ def pyramid(volumes: tuple[str, ...], config_path: str | None, overrides: tuple[
 @cli.command()
 @_log_options
 @click.argument("dataset", metavar="DATASET_URL")
-@click.option("--port", type=int, default=8000, show_default=True, help="Port of the local HTTP server the link points at.")
-@click.option("--serve", is_flag=True, help="Serve a local dataset's folder over HTTP (with CORS) on --port until Ctrl-C.")
+@click.option("--serve", type=int, default=None, metavar="PORT", help="Serve a local dataset's folder over HTTP (with CORS, on 127.0.0.1:PORT) until Ctrl-C; the link points there.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Without --serve: the port of the local HTTP server the link points at.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the neuroglancer state JSON.")
-def view(dataset: str, port: int, serve: bool, as_json: bool) -> None:
+def view(dataset: str, serve: int | None, port: int, as_json: bool) -> None:
     """Print a neuroglancer link (raw, probabilities, instances at every level) and the napari command line."""
     import json
 
     from catena_mito import view as v
 
+    port = serve if serve is not None else port
+
     if as_json:
         click.echo(json.dumps(v.neuroglancer_state(dataset, port=port), indent=1))
     else:
         click.echo(v.view_text(dataset, port=port))
-    if serve:
+    if serve is not None:
         server = v.make_server(dataset, port)
         click.echo(f"serving {server.server_address[0]}:{server.server_address[1]} (Ctrl-C stops)", err=True)
         try:

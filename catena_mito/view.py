@@ -137,7 +137,7 @@ def view_text(url: str, *, port: int = 8000, storage_options: Mapping[str, Any] 
     state = neuroglancer_state(url, port=port, storage_options=storage_options)
     lines = [f"neuroglancer: {neuroglancer_url(state)}"]
     if storage.is_local(url):
-        lines.append(f"  (serve the data first: catena-mito view {url} --serve {port})")
+        lines.append(f"  (the data must be served: catena-mito view {url} --serve {port})")
     lines += [f"napari:       {napari_command(url, storage_options)}",
               "  (napari adds the label images hidden: tick them on in the layer list)",
               "state JSON:", json.dumps(state, indent=1)]

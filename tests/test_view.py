@@ -124,3 +124,21 @@ def test_s3_sources_and_the_cors_server(dataset, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_cli_view_and_pyramid_dry_run(dataset, capsys, tmp_path):
+    main(["view", dataset, "--json", "--port", "9001"])
+    assert json.loads(capsys.readouterr().out) == neuroglancer_state(dataset, port=9001)
+    main(["view", dataset])
+    out = capsys.readouterr().out
+    assert out.startswith("neuroglancer: https://") and "--serve 8000" in out and "napari --plugin napari-ome-zarr" in out
+    main(["pyramid", storage.join_url(dataset, storage.RAW_PATH), "--levels", "2", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "(this run), method mean" in out and "level 2: shape [4, 8, 8], factor [4, 4, 4]" in out
+    # bad input: one line, non-zero exit, nothing written
+    with pytest.raises(SystemExit) as e:
+        main(["view", str(tmp_path / "nothing.zarr")])
+    assert e.value.code != 0 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        main(["pyramid", storage.join_url(dataset, storage.RAW_PATH), "--levels", "0"])
+    assert e.value.code == 2 and "levels" in capsys.readouterr().err
