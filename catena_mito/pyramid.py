@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -232,14 +233,25 @@ class _Pyramid:
                 "blocks_skipped": sum(r.blocks_skipped for r in results)}
 
     def _wait(self, k: int, timeout: float) -> None:
-        """Level ``k`` must be complete (all shards) before level ``k+1`` reads it."""
-        from catena_mito.label import _wait_for
+        """Level ``k`` must be complete (all shards) before level ``k+1`` reads it: poll its
+        markers (one listing a second) for up to ``timeout`` seconds."""
+        from catena_mito.blockwise import signals
 
         markers = self.store.markers(self.spec.run_id, f"level{k}")
         total = self.grids[k - 1].num_blocks
-        _wait_for(lambda: [f"block {i}" for i in markers.missing(range(total))], timeout,
-                  f"pyramid level {k} of {self.shown}",
-                  "run the other shards (or pass --wait-timeout to wait for them)")
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            missing = markers.missing(range(total))
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                waited = f" after waiting {timeout:g} s" if timeout > 0 else ""
+                raise PhaseError(
+                    f"pyramid level {k} of {self.shown} is not complete{waited}: {len(missing)} of {total} "
+                    f"blocks missing (first {missing[:5]}); run the other shards' --level {k} first, "
+                    "or start every shard with --wait-timeout")
+            signals.raise_if_requested("while waiting for a pyramid level")
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def build_pyramid(

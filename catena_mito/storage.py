@@ -548,7 +548,7 @@ def _create_volume(url: str, shape, dtype, chunks, *, overwrite: bool, attrs: Ma
         before is not None and old_factors and old_paths
         and (tuple(before.shape), before.dtype, tuple(before.chunks)) == (tuple(arr.shape), arr.dtype, tuple(arr.chunks))
         and old_attrs.get(RUN_ATTR) == dict(attrs).get(RUN_ATTR)
-        and read_spatial(before) == read_spatial(arr)
+        and (old_attrs.get("resolution"), old_attrs.get("offset")) == (dict(attrs).get("resolution"), dict(attrs).get("offset"))
     )
     factors = old_factors if kept else [(1, 1, 1)]
     if not kept and old_paths:

@@ -126,6 +126,30 @@ def test_sharded_equals_single_equals_reference(tmp_path, path, dtype, method):
     assert again["blocks_computed"] == 0 and again["blocks_skipped"] == s["blocks_computed"]
 
 
+def test_shards_started_together_wait_for_each_others_level(tmp_path):
+    import threading
+
+    data = np.random.default_rng(5).integers(0, 255, (6, 16, 16)).astype(np.uint8)
+    vol = _volume(str(tmp_path / "d.zarr"), storage.RAW_PATH, data)
+    config = PyramidConfig(volumes=[vol], levels=2, block_shape=(2, 4, 4))
+    errors = []
+
+    def shard(k):
+        try:
+            build_pyramid(config, shard_index=k, num_shards=2, wait_timeout=60)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=shard, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    f1, f2 = reduction_factors(RES, data.shape, 2)  # (1, 2, 2) twice: 16 x 4 x 4 nm
+    np.testing.assert_array_equal(_levels(vol)[2], reference(reference(data, f1, "mean"), f2, "mean"))
+
+
 def test_a_stale_or_incomplete_source_is_refused_and_a_rewritten_one_drops_its_levels(tmp_path):
     url = str(tmp_path / "d.zarr")
     vol = storage.join_url(url, storage.prediction_path("mito"))
@@ -167,3 +191,22 @@ def test_older_plain_arrays_and_bad_plans_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="multiple of the output chunk"):
         build_pyramid(PyramidConfig(volumes=[vol], levels=1, block_shape=(3, 4, 4)))
     assert storage.volume_levels(vol) == [(1, 1, 1)]
+
+
+@pytest.mark.s3
+@pytest.mark.slow  # ~6 s of S3 round trips
+def test_layout_and_pyramid_on_s3(s3_env):
+    from catena_mito.view import neuroglancer_state
+
+    url = f"s3://{s3_env.make_bucket('pyramid')}/d.zarr"
+    data = np.arange(4 * 8 * 8, dtype=np.uint32).reshape(4, 8, 8) % 5
+    vol = _volume(url, storage.INSTANCES_PATH, data)
+    raw = _volume(url, storage.RAW_PATH, data.astype(np.uint8))
+    for shard in range(2):
+        build_pyramid(PyramidConfig(volumes=[vol, raw], levels=1, block_shape=(2, 4, 4)),
+                      shard_index=shard, num_shards=2, level=1)
+    assert storage.volume_levels(vol) == [(1, 1, 1), (1, 2, 2)]
+    np.testing.assert_array_equal(storage.open_array(storage.join_url(vol, "1"))[...],
+                                  reference(data, (1, 2, 2), "mode"))
+    state = neuroglancer_state(url)
+    assert state["layers"][0]["source"] == f"zarr3://{s3_env.endpoint_url.rstrip('/')}/{url[5:]}/volumes/raw"

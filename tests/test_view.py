@@ -11,6 +11,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import zarr
 from test_ome import _nodes
 from test_predict import MODEL_PARAMS, PATCH, deterministic_model
 
@@ -21,6 +22,7 @@ from catena_mito.config import LabelConfig, PredictConfig, config_from_dict
 from catena_mito.label import label
 from catena_mito.predict import predict
 from catena_mito.pyramid import downsample, reduction_factors
+from catena_mito.status import status
 from catena_mito.synthetic import write_synthetic_dataset
 from catena_mito.view import (
     dataset_volumes,
@@ -83,6 +85,16 @@ def test_outputs_open_as_napari_opens_them_at_every_level(dataset):
         assert data[0].any()
         np.testing.assert_array_equal(data[1], downsample(data[0], (2, 2, 2), method))
         np.testing.assert_array_equal(data[2], downsample(data[1], (2, 2, 2), method))
+    # ome-zarr-models accepts them too (record folders inside the groups and all), and
+    # `status` lists each pyramid run as complete.
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    for path in ("volumes", storage.prediction_path("mito")):
+        Image.from_zarr(zarr.open_group(storage.join_url(dataset, path), mode="r"))
+    ImageLabel.from_zarr(zarr.open_group(storage.join_url(dataset, storage.INSTANCES_PATH), mode="r"))
+    pyramids = {e["output"]: e["state"] for e in status(dataset) if e["output"].endswith("(pyramid levels)")}
+    assert len(pyramids) == 5 and set(pyramids.values()) == {"complete"}
     # The instances' label metadata names its image.
     group = storage.volume_group(storage.join_url(dataset, storage.INSTANCES_PATH))
     assert ome.ome_part(group.attrs.asdict(), 3)["image-label"] == {"source": {"image": "../../"}}
