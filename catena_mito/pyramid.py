@@ -195,8 +195,12 @@ class _Pyramid:
             raise ConfigError(f"--level {level}: expected 1..{len(self.grids)} (levels {len(self.grids)})")
         if self.store.claim(self.spec, overwrite=overwrite or replace, may_claim=level in (None, 1),
                             fix="run --level 1 first (with --overwrite to replace the other run)"):
-            # A new owner: levels of another run must not stay listed while being rewritten.
+            # A new owner: levels of another run must not stay listed while being rewritten,
+            # and those beyond this run's count would stay behind unlisted.
+            old = storage.volume_levels(self.url, self.options)
             storage.write_volume_metadata(self.url, [(1, 1, 1)], self.options)
+            for k in range(len(self.grids) + 1, len(old)):
+                storage.remove(storage.join_url(self.url, str(k)), self.options)
         results = []
         for k, grid in enumerate(self.grids, start=1):
             if level is not None and k != level:

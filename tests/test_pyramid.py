@@ -176,8 +176,10 @@ def test_a_stale_or_incomplete_source_is_refused_and_a_rewritten_one_drops_its_l
     store.mark_complete_if_done(other)
     with pytest.raises(RunMismatchError):
         build_pyramid(PyramidConfig(volumes=[vol], levels=1))
-    build_pyramid(PyramidConfig(volumes=[vol], levels=1), overwrite=True)
-    assert storage.volume_levels(vol) == [(1, 1, 1), (1, 2, 2)]
+    build_pyramid(PyramidConfig(volumes=[vol], levels=2), overwrite=True)
+    assert storage.volume_levels(vol) == [(1, 1, 1), (1, 2, 2), (1, 4, 4)]
+    build_pyramid(PyramidConfig(volumes=[vol], levels=1), overwrite=True)  # fewer levels: the rest go
+    assert storage.volume_levels(vol) == [(1, 1, 1), (1, 2, 2)] and not storage.exists(storage.join_url(vol, "2"))
 
 
 def test_older_plain_arrays_and_bad_plans_are_refused(tmp_path):
