@@ -169,6 +169,9 @@ class _Pyramid:
         self.steps = reduction_factors(self.resolution, self.level0.shape, config.levels)
         self.chunks = tuple(int(c) for c in self.level0.chunks)
         self.block_shape = tuple(config.block_shape or tuple(2 * c for c in self.chunks))
+        # Each level is chunked like level 0, clipped to its shape: a block that is a whole
+        # number of level-0 chunks is then a whole number of every level's chunks, or spans
+        # the (smaller) level's whole axis: one writer per chunk on every level.
         check_chunk_alignment(self.block_shape, self.chunks, field="block_shape")
         self.cumulative = [(1, 1, 1)]
         for f in self.steps:
