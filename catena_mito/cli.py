@@ -230,6 +230,66 @@ def status(url: str, as_json: bool) -> None:
     click.echo(json.dumps(entries, indent=1) if as_json else format_status(entries))
 
 
+@cli.command()
+@_log_options
+@click.argument("volumes", metavar="VOLUME_URL", nargs=-1)
+@click.option("--config", "-c", "config_path", default=None, metavar="URL", help="YAML PyramidConfig (volumes, levels, method, block_shape, storage_options); flags override it.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (YAML value). Repeatable.")
+@click.option("--levels", type=int, default=None, help="Coarser levels to build after level 0 (each halves the finest axes).")
+@click.option("--method", type=click.Choice(["auto", "mean", "mode"]), default=None, help="Reduction (default auto: mode for label images, mean otherwise).")
+@click.option("--level", type=int, default=None, help="Build only this level (1-based), e.g. one array job per level; default: every level, in order.")
+@click.option("--wait-timeout", type=float, default=0.0, show_default=True, metavar="SECONDS", help="Wait up to this long for other shards' blocks of the level being read.")
+@_shard_options
+@_allow_incomplete_option
+def pyramid(volumes: tuple[str, ...], config_path: str | None, overrides: tuple[str, ...], levels: int | None, method: str | None, level: int | None, wait_timeout: float, shard_index: int | None, num_shards: int | None, overwrite: bool, dry_run: bool, allow_incomplete: bool) -> None:
+    """Build OME-NGFF multiscale levels of volumes (e.g. DATASET/volumes/raw), block-wise and shardable."""
+    import json
+
+    from catena_mito.blockwise.sharding import resolve_shard
+
+    flags = [f"volumes={json.dumps(list(volumes))}"] if volumes else []
+    flags += [f"levels={levels}"] if levels is not None else []
+    flags += [f"method={method}"] if method is not None else []
+    config = _load("PyramidConfig", config_path, (*overrides, *flags))
+    index, count = resolve_shard(shard_index, num_shards)
+    from catena_mito.pyramid import build_pyramid, plan_text
+
+    if dry_run:
+        click.echo(plan_text(config))
+        return
+    for s in build_pyramid(config, shard_index=index, num_shards=count, overwrite=overwrite, wait_timeout=wait_timeout,
+                           allow_incomplete=allow_incomplete, level=level):
+        click.echo(f"{s['volume']}: {'complete' if s['complete'] else 'incomplete'}, {len(s['shapes']) - 1} levels "
+                   f"{s['shapes'][1:]} ({s['method']}), {s['blocks_computed']} blocks computed, {s['blocks_skipped']} skipped")
+
+
+@cli.command()
+@_log_options
+@click.argument("dataset", metavar="DATASET_URL")
+@click.option("--serve", type=int, default=None, metavar="PORT", help="Serve a local dataset's folder over HTTP (with CORS, on 127.0.0.1:PORT) until Ctrl-C; the link points there.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Without --serve: the port of the local HTTP server the link points at.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the neuroglancer state JSON.")
+def view(dataset: str, serve: int | None, port: int, as_json: bool) -> None:
+    """Print a neuroglancer link (raw, probabilities, instances at every level) and the napari command line."""
+    import json
+
+    from catena_mito import view as v
+
+    port = serve if serve is not None else port
+
+    if as_json:
+        click.echo(json.dumps(v.neuroglancer_state(dataset, port=port), indent=1))
+    else:
+        click.echo(v.view_text(dataset, port=port))
+    if serve is not None:
+        server = v.make_server(dataset, port)
+        click.echo(f"serving {server.server_address[0]}:{server.server_address[1]} (Ctrl-C stops)", err=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+
+
 @cli.command("import")
 @_log_options
 @click.argument("source", metavar="SOURCE")

@@ -199,6 +199,13 @@ class PredictConfig(JobConfig, _PatchFields):
     tta: Literal["none", "flips"] = Field("none", description="Beyond the design. Test-time augmentation: average over in-plane flips.")
     amp: bool = Field(True, description="Beyond the design. bf16 autocast on CUDA (no effect on CPU).")
     model_type: ModelType | None = Field(None, description="Optional; must match the checkpoint when given.")
+    pyramid_levels: int = Field(0, ge=0, le=16, description="Beyond the design. Coarser resolution levels to build after the prediction completes (each halves the finest axes; see docs/viewing.md); 0: none.")
+
+    @model_validator(mode="after")
+    def _pyramid_needs_zarr(self):
+        if self.pyramid_levels and self.output_format != "zarr":
+            raise ValueError(f"pyramid_levels {self.pyramid_levels} needs output_format 'zarr' (got {self.output_format!r})")
+        return self
 
     @model_validator(mode="after")
     def _block_multiple_of_chunks(self):
@@ -255,10 +262,31 @@ class LabelConfig(JobConfig):
     seed_distance: float = Field(40.0, gt=0, description="Beyond the design. `distance` mode: a seed voxel has no "
                                  "background voxel closer than this (nm, Euclidean, by the input's resolution; "
                                  "outside the volume counts as foreground).")
+    pyramid_levels: int = Field(0, ge=0, le=16, description="Beyond the design. Coarser resolution levels (mode-downsampled) to build after relabel completes (see docs/viewing.md); 0: none. Zarr output only.")
 
     @field_validator("chunk_size", "overlap", "scale_factors", mode="before")
     @classmethod
     def _triples(cls, v: Any) -> Any:
+        return _broadcast_triple(v)
+
+    @model_validator(mode="after")
+    def _pyramid_needs_zarr(self):
+        if self.pyramid_levels and self.output_format != "zarr":
+            raise ValueError(f"pyramid_levels {self.pyramid_levels} needs output_format 'zarr' (got {self.output_format!r})")
+        return self
+
+
+class PyramidConfig(JobConfig):
+    """``catena-mito pyramid``: coarser OME-NGFF resolution levels of volumes, block-wise."""
+
+    volumes: list[str] = Field(..., min_length=1, description="Volume URLs (e.g. `<dataset>/volumes/raw`), each an OME-NGFF multiscale group written by this version.")
+    levels: int = Field(..., ge=1, le=16, description="Coarser levels to build after level 0; each reduces the finest axes by 2 (see docs/viewing.md).")
+    method: Literal["auto", "mean", "mode"] = Field("auto", description="`mean` (images, probabilities), `mode` (instance ids: the most frequent id, ties to the smaller id); `auto`: `mode` for label images, else `mean`.")
+    block_shape: PositiveTriple | None = Field(None, description="Output block per unit of work (z, y, x voxels of each level), a multiple of the level's chunks; default: 2 chunks per axis.")
+
+    @field_validator("block_shape", mode="before")
+    @classmethod
+    def _triples_pyramid(cls, v: Any) -> Any:
         return _broadcast_triple(v)
 
 

@@ -90,11 +90,18 @@ def train_config_data(settings: DemoSettings, train_url: str, test_url: str, run
 
 def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo; returns a summary with metrics, timings and where every output is."""
-    from catena_mito.config import LabelConfig, PredictConfig, TrainConfig, load_config
+    from catena_mito.config import (
+        LabelConfig,
+        PredictConfig,
+        PyramidConfig,
+        TrainConfig,
+        load_config,
+    )
     from catena_mito.evaluate import evaluate, format_report, write_report
     from catena_mito.label import label
     from catena_mito.predict import predict
     from catena_mito.preview import preview
+    from catena_mito.pyramid import build_pyramid
     from catena_mito.synthetic import write_synthetic_dataset
     from catena_mito.train import train
 
@@ -134,6 +141,7 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
         "block_shape": [64, 64, 64],
         "output_chunks": [32, 64, 64],
         "batch_size": 4,
+        "pyramid_levels": 2,  # so viewers can zoom out (docs/viewing.md)
     })
     # The demo owns its output folder and retrains every time: its outputs are replaced,
     # never refused as another run's.
@@ -149,8 +157,12 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
         "chunk_size": [32, 64, 64],
         "thres_foreground": 0.5,
         "thres_small_instances": 50,
+        "pyramid_levels": 2,
     })
     label(load_config(LabelConfig, label_cfg_url), overwrite=True)
+    # raw and ground truth get the same levels as the outputs, for viewers
+    build_pyramid(PyramidConfig(volumes=[storage.join_url(test_url, p) for p in (
+        storage.RAW_PATH, *storage.LABEL_PATHS.values())], levels=2), overwrite=True)
     timings["label"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -191,6 +203,6 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
                 echo(f"    {item}")
         else:
             echo(f"  {name}: {where}")
-    echo("open them: napari (napari-ome-zarr) or neuroglancer read the Zarr stores as they are;")
+    echo(f"open them: catena-mito view {test_url} --serve 8000  (a neuroglancer link and the napari command);")
     echo(f"  rerun a step: catena-mito predict --config {storage.join_url(configs, 'predict.yaml')}")
     return summary

@@ -22,6 +22,7 @@ JOBS: list[tuple[str, type[config.JobConfig], str]] = [
     ("train", config.TrainConfig, "`catena-mito train --config train.yaml`: patch-wise training of a semantic model."),
     ("predict", config.PredictConfig, "`catena-mito predict --config predict.yaml`: block-wise sliding-window inference, shardable."),
     ("label", config.LabelConfig, "`catena-mito label --config label.yaml`: threshold, connected components, size filter, shardable."),
+    ("pyramid", config.PyramidConfig, "`catena-mito pyramid VOLUME_URL... --levels N` (or `--config pyramid.yaml`): coarser resolution levels, block-wise and shardable."),
 ]
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"

@@ -1118,6 +1118,10 @@ def label(
         task.summary.plan = task.plan(shard_index, num_shards)
         return task.summary
     if phase != "clean" and task.already_complete(overwrite):  # clean tidies a complete run
+        if config.pyramid_levels and config.output_format == "zarr":  # levels asked for later
+            from catena_mito.pyramid import build_after
+
+            build_after(task.output_url, config.pyramid_levels, config.storage_options)
         return task.summary
     if not overwrite and phase in ("all", "blocks", "merge"):
         task.check_existing_output()
@@ -1153,4 +1157,8 @@ def label(
     else:
         task.run_clean()
     log.info("label %s: done in %.1f s (%s)", phase, time.perf_counter() - started, task.summary.output_url)
+    if config.pyramid_levels and phase in ("all", "relabel"):  # the shard completing relabel builds the levels
+        from catena_mito.pyramid import build_after
+
+        build_after(task.output_url, config.pyramid_levels, config.storage_options)
     return task.summary

@@ -611,6 +611,10 @@ def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, ov
             results.append(_predict_tiff(config, settings, runner, job))
         else:
             results.append(_predict_zarr(config, settings, runner, job, spec, shard_index, num_shards, overwrite))
+            if config.pyramid_levels:  # the shard that completes the output builds its levels
+                from catena_mito.pyramid import build_after
+
+                build_after(job.output_url, config.pyramid_levels, config.storage_options)
     summary = {
         "shard_index": shard_index,
         "num_shards": num_shards,

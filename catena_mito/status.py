@@ -80,6 +80,9 @@ def status(url: str, storage_options: Mapping[str, Any] | None = None) -> list[d
         if entry is not None:
             entries.append(entry)
             seen_records.add(entry["record"])
+        pyramid = storage.join_url(array_url, ".catena", "pyramid")
+        if storage.exists(storage.join_url(pyramid, "run.json"), options):  # its coarser levels
+            entries.append(_entry(f"{array_url} (pyramid levels)", RunStore(pyramid, options), None, options))
     # label runs whose output array is not there yet (blocks or merge still running)
     fs, root = storage.get_fs(storage.join_url(url, ".catena", "label"), options)
     try:
@@ -106,7 +109,9 @@ def _arrays(group: Any, prefix: str = "") -> list[tuple[str, Any]]:
         members = list(group.members())
     for name, node in members:
         path = f"{prefix}{name}"
-        if hasattr(node, "members"):
+        if hasattr(node, "members") and storage.level0_of(node) is not None:
+            out.append((path, node))  # a volume (OME-NGFF multiscale group): its level 0 is the array
+        elif hasattr(node, "members"):
             out.extend(_arrays(node, path + "/"))
         else:
             out.append((path, node))

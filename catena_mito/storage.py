@@ -36,6 +36,7 @@ try:  # zarr >= 3.1 renamed the error for a missing array
 except ImportError:  # pragma: no cover
     ArrayNotFoundError = FileNotFoundError  # type: ignore[misc,assignment]
 
+from catena_mito import ome
 from catena_mito.errors import DataError, StorageError
 
 # --- the dataset layout -------------------------------------------------------------------
@@ -201,7 +202,11 @@ def open_group(
 
 
 def open_array(url: str, storage_options: Mapping[str, Any] | None = None, mode: str = "r") -> zarr.Array:
-    """Open an existing Zarr array (format 2 or 3) at ``url``."""
+    """Open an existing Zarr array (format 2 or 3) at ``url``.
+
+    A URL naming a volume's OME-NGFF multiscale group opens its level 0 (see
+    :mod:`catena_mito.ome`); a plain array (older datasets) opens as it is.
+    """
     store = _store(url, storage_options, read_only=mode == "r")
     try:
         node = zarr.open(store=store, mode=mode)
@@ -209,7 +214,10 @@ def open_array(url: str, storage_options: Mapping[str, Any] | None = None, mode:
         raise StorageError(f"no Zarr array at {redact_url(url)!r}") from e
     except Exception as e:
         raise StorageError(f"cannot open Zarr array {redact_url(url)!r}: {_describe(e)}") from e
-    if not isinstance(node, zarr.Array):
+    if isinstance(node, zarr.Group):
+        level0 = level0_of(node)  # a volume's multiscale group: its full resolution
+        if level0 is not None:
+            return level0
         raise StorageError(f"{redact_url(url)!r} is a Zarr group, expected an array")
     return node
 
@@ -254,7 +262,31 @@ def create_array(
     ``.zarr`` store are created through its root group so the parent groups get their
     metadata (zarr 3 has no implicit groups). ``zarr_format`` defaults to the existing
     store's format, else 3.
+
+    A (z, y, x) volume with a ``resolution`` inside a store becomes level 0 of an OME-NGFF
+    multiscale group at ``url`` (see :mod:`catena_mito.ome`), which is returned; its
+    coarser levels are dropped when level 0 is replaced or written by another run. A plain
+    array already there (an older dataset) is kept as it is.
     """
+    if _is_volume(url, shape, attrs):
+        return _create_volume(url, shape, dtype, chunks, overwrite=overwrite, attrs=dict(attrs or {}),
+                              storage_options=storage_options, zarr_format=zarr_format, fill_value=fill_value)
+    return _create_plain(url, shape, dtype, chunks, overwrite=overwrite, attrs=attrs,
+                         storage_options=storage_options, zarr_format=zarr_format, fill_value=fill_value)
+
+
+def _create_plain(
+    url: str,
+    shape: Sequence[int],
+    dtype: Any,
+    chunks: Sequence[int],
+    *,
+    overwrite: bool = False,
+    attrs: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    zarr_format: int | None = None,
+    fill_value: Any = 0,
+) -> zarr.Array:
     shape = tuple(int(s) for s in shape)
     chunks = tuple(int(c) for c in chunks)
     dtype = np.dtype(dtype)
@@ -269,9 +301,8 @@ def create_array(
         if tuple(existing.chunks) != chunks:
             problems.append(f"chunks {list(existing.chunks)} != {list(chunks)}")
         if not problems:
-            if attrs:
+            if attrs and any(existing.attrs.get(k) != v for k, v in attrs.items()):
                 existing.attrs.update(dict(attrs))
-                _maybe_write_ome(url, attrs, storage_options)
             return existing
         if not overwrite:
             raise StorageError(
@@ -307,7 +338,7 @@ def create_array(
         raise
     except ContainsArrayError:
         # A concurrent shard created it between our check and our create: use theirs.
-        return create_array(
+        return _create_plain(
             url, shape, dtype, chunks, overwrite=False, attrs=attrs,
             storage_options=storage_options, zarr_format=zarr_format, fill_value=fill_value,
         )
@@ -315,7 +346,6 @@ def create_array(
         raise StorageError(f"cannot create {redact_url(url)!r}: {_describe(e)}") from e
     if attrs:
         arr.attrs.update(dict(attrs))
-        _maybe_write_ome(url, attrs, storage_options)
     return arr
 
 
@@ -340,29 +370,14 @@ def read_spatial(arr: zarr.Array) -> tuple[tuple[float, float, float] | None, tu
     return resolution, tuple(float(o) for o in off)  # type: ignore[return-value]
 
 
-# --- OME-NGFF multiscale metadata ----------------------------------------------------------
+# --- OME-NGFF layout (see catena_mito.ome) ----------------------------------------------
 #
-# Design: the arrays stay at the fixed layout paths; the OME-NGFF ``multiscales`` metadata
-# that lets napari and neuroglancer open them (axes z, y, x of type space in nanometre,
-# scale = resolution, translation = offset) goes on a *host group* above each array, one
-# single-level multiscale entry per array, whose dataset path is the array's path relative
-# to the host. The host is the array's parent group, except for a parent named ``volumes``:
-# in the dataset layout that group holds ``labels/``, and OME-NGFF reserves a child group
-# named ``labels`` of an image group for label images (validators then read
-# ``volumes/labels`` as a labels collection and reject it). So ``volumes/raw`` is described
-# on the store root (dataset path ``volumes/raw``), and
-#
-#   <store root>          multiscales: [volumes/raw]
-#   volumes/labels        multiscales: [mito_ids, neuron_ids, mito_instances]
-#   volumes/predictions   multiscales: [mito]
-#
-# Zarr format 3 stores get OME-NGFF 0.5 (under the ``ome`` key; arrays carry
-# ``dimension_names`` z, y, x, which 0.5 requires); format 2 stores get 0.4 (top-level
-# ``multiscales``). Viewers open the first entry of a group's list, so ``napari x.zarr``
-# shows raw and ``napari x.zarr/volumes/labels`` the first label array written there.
+# A volume inside a ``.zarr`` store is a multiscale group at its layout path whose level 0
+# (``<url>/0``) holds the full resolution; :func:`open_array` given the group's URL opens
+# level 0, and a plain array at that path (a dataset of an older version) is opened as it
+# is. :func:`create_array` makes (or keeps) that structure and its OME-NGFF metadata.
 
-OME_AXES: tuple[str, str, str] = ("z", "y", "x")
-_OME_SKIP_PARENTS = ("volumes",)
+OME_AXES: tuple[str, str, str] = ome.AXES
 
 
 def _dimension_names(zarr_format: int, ndim: int) -> dict[str, Any]:
@@ -370,111 +385,76 @@ def _dimension_names(zarr_format: int, ndim: int) -> dict[str, Any]:
     return {"dimension_names": OME_AXES} if zarr_format == 3 and ndim == 3 else {}
 
 
-def ome_host(array_url: str) -> tuple[str, str] | None:
-    """``(host_group_url, dataset_path)`` where the OME-NGFF entry of ``array_url`` lives.
+#: Level names a multiscale group of a volume may use for its levels ("0", "s0", …): a
+#: group whose first dataset is such a direct child is opened as that array. (Older
+#: catena-mito datasets described several plain arrays on one group, e.g.
+#: ``volumes/labels`` → ``mito_ids``; such a group is not a volume and stays a group.)
+_LEVEL_NAME = re.compile(r"s?\d+")
 
-    None for an array that is a store of its own (no group above it to describe it).
-    """
-    root_url, inner = split_store_url(array_url)
-    parts = [p for p in inner.split("/") if p]
-    if not parts:
+
+def level0_of(group: zarr.Group) -> zarr.Array | None:
+    """Level 0 of a volume's multiscale group; None for any other group."""
+    paths = ome.level_paths(group.attrs.asdict(), group.metadata.zarr_format)
+    if not paths or not _LEVEL_NAME.fullmatch(paths[0]):
         return None
-    host, path = parts[:-1], parts[-1:]
-    # Why: OME-NGFF reads a `labels` child of an image group as label images (see above).
-    while host and host[-1] in _OME_SKIP_PARENTS:
-        path.insert(0, host.pop())
-    return join_url(root_url, *host), "/".join(path)
-
-
-def ome_multiscale_entry(
-    dataset_path: str,
-    resolution: Sequence[float],
-    offset: Sequence[float] | None = None,
-    version: str = "0.5",
-) -> dict[str, Any]:
-    """One single-level OME-NGFF multiscale entry for a (z, y, x) array.
-
-    ``resolution`` (scale) and ``offset`` (translation) are in nanometres, (z, y, x).
-    """
-    entry: dict[str, Any] = {
-        "name": dataset_path,
-        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in OME_AXES],
-        "datasets": [
-            {
-                "path": dataset_path,
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": [float(r) for r in resolution]},
-                    {"type": "translation", "translation": [float(o) for o in (offset or (0, 0, 0))]},
-                ],
-            }
-        ],
-    }
-    if version == "0.4":  # 0.4 keeps the version on each entry, 0.5 on the `ome` object
-        entry["version"] = "0.4"
-    return entry
-
-
-def _entry_path(entry: Any) -> str | None:
     try:
-        return entry["datasets"][0]["path"]
-    except (KeyError, IndexError, TypeError):
+        node = group[paths[0]]
+    except KeyError:
         return None
+    return node if isinstance(node, zarr.Array) else None
 
 
-def _merged_multiscales(attrs: Mapping[str, Any], entry: dict, zarr_format: int) -> dict | None:
-    """The attribute update that puts ``entry`` into ``attrs``; None when already there."""
-    if zarr_format == 3:
-        ome = dict(attrs.get("ome") or {})
-        current = list(ome.get("multiscales") or [])
-    else:
-        current = list(attrs.get("multiscales") or [])
-    path = _entry_path(entry)
-    # Replace in place (keeps the order, so a viewer's "first entry" stays the same).
-    merged = [entry if _entry_path(m) == path else m for m in current]
-    if not any(_entry_path(m) == path for m in current):
-        merged.append(entry)
-    if merged == current and (zarr_format != 3 or ome.get("version") == "0.5"):
-        return None
-    if zarr_format == 3:
-        return {"ome": {**ome, "version": "0.5", "multiscales": merged}}
-    return {"multiscales": merged}
+def _is_volume(url: str, shape: Sequence[int], attrs: Mapping[str, Any] | None) -> bool:
+    """A (z, y, x) volume with a resolution inside a ``.zarr`` store: it gets the OME layout."""
+    resolution = (attrs or {}).get("resolution")
+    return bool(split_store_url(url)[1]) and len(shape) == 3 and resolution is not None and len(resolution) == 3
 
 
-def write_ome_metadata(
-    array_url: str,
-    resolution: Sequence[float],
-    offset: Sequence[float] | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-) -> str | None:
-    """Describe the (z, y, x) array at ``array_url`` in OME-NGFF multiscale metadata.
+def is_label_volume(url: str, attrs: Mapping[str, Any] | None = None) -> bool:
+    """Instance ids: a volume in a ``labels`` group, or one written by ``label`` elsewhere."""
+    return ome.label_parent(split_store_url(url)[1]) is not None or "catena_label" in (attrs or {})
 
-    Merges one entry into the host group's attributes (see :func:`ome_host`) without
-    dropping other entries or other attributes; returns the host group URL (None for an
-    array that is a store of its own). Idempotent: an entry that is already there is not
-    rewritten, so shards calling this at once write the same bytes or nothing. Two
-    processes adding *different* arrays to one group at the same moment could race on the
-    read-modify-write; the entry is read back and rewritten if it was lost.
-    ``resolution`` and ``offset`` are in nm.
+
+def volume_group(url: str, storage_options: Mapping[str, Any] | None = None, mode: str = "r") -> zarr.Group | None:
+    """The multiscale group of the volume at ``url``; None for a plain (older) array."""
+    store = _store(url, storage_options, read_only=mode == "r")
+    try:
+        node = zarr.open(store=store, mode=mode)
+    except Exception as e:
+        raise StorageError(f"no Zarr volume at {redact_url(url)!r}: {_describe(e)}") from e
+    if isinstance(node, zarr.Group) and level0_of(node) is not None:
+        return node
+    return None
+
+
+def volume_levels(url: str, storage_options: Mapping[str, Any] | None = None) -> list[tuple[int, int, int]]:
+    """The reduction factor (z, y, x) of each level the volume at ``url`` records (level 0 first)."""
+    group = volume_group(url, storage_options)
+    if group is None:
+        return [(1, 1, 1)]
+    return ome.factors_of(group.attrs.asdict(), group.metadata.zarr_format) or [(1, 1, 1)]
+
+
+def _update_attrs(group_url: str, make_update, storage_options: Mapping[str, Any] | None, what: str) -> None:
+    """Merge ``make_update(current attrs, zarr_format)`` (None: nothing to change) into a group.
+
+    Idempotent: shards writing the same metadata at once write the same bytes or nothing.
+    Two processes adding *different* entries at the same moment could race on the
+    read-modify-write, so the result is read back and the update redone if it was lost.
     """
-    host = ome_host(array_url)
-    if host is None:
-        return None
-    group_url, dataset_path = host
     attempts = 5
     for attempt in range(attempts + 1):  # the last pass only checks the last write
         try:
             group = open_group(group_url, mode="a", storage_options=storage_options)
         except StorageError:
-            # Another shard may be creating the same array (and its parents) right now.
+            # Another shard may be creating the same group right now.
             if attempt == attempts:
                 raise
             time.sleep(0.05 * (attempt + 1) * (1 + random.random()))
             continue
-        fmt = group.metadata.zarr_format
-        entry = ome_multiscale_entry(dataset_path, resolution, offset, "0.5" if fmt == 3 else "0.4")
-        update = _merged_multiscales(group.attrs.asdict(), entry, fmt)
+        update = make_update(group.attrs.asdict(), group.metadata.zarr_format)
         if update is None:
-            return group_url
+            return
         if attempt == attempts:
             break
         if attempt:
@@ -486,16 +466,127 @@ def write_ome_metadata(
                 f"cannot write OME-NGFF metadata to {redact_url(group_url)!r}: {_describe(e)}"
             ) from e
     raise StorageError(
-        f"OME-NGFF metadata for {redact_url(array_url)!r} kept being overwritten by "
-        f"concurrent writers of {redact_url(group_url)!r}"
+        f"OME-NGFF metadata for {what} kept being overwritten by concurrent writers of "
+        f"{redact_url(group_url)!r}"
     )
 
 
-def _maybe_write_ome(url: str, attrs: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> None:
-    """Called by :func:`create_array`: every volume with a resolution gets OME metadata."""
-    resolution = attrs.get("resolution")
-    if resolution is not None and len(resolution) == 3:
-        write_ome_metadata(url, resolution, attrs.get("offset"), storage_options)
+def write_volume_metadata(
+    url: str,
+    factors: Sequence[Sequence[int]],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    label: bool | None = None,
+) -> None:
+    """Describe the volume at ``url`` (a multiscale group) with levels reduced by ``factors``.
+
+    Writes its ``multiscales`` (scale and translation of each level from level 0's
+    ``resolution`` and ``offset``, nm); for a label image its ``image-label`` and its
+    entry in the ``labels`` list of the labels group above it; for the dataset's raw
+    image the same multiscale on the groups that also describe it (see
+    :mod:`catena_mito.ome`). ``label`` None: decided by :func:`is_label_volume`.
+    """
+    root_url, inner = split_store_url(url)
+    level0 = open_array(join_url(url, ome.LEVEL0), storage_options)
+    resolution, offset = read_spatial(level0)
+    resolution = resolution or (1.0, 1.0, 1.0)
+    if label is None:
+        label = is_label_volume(url, dict(level0.attrs))
+    name = inner.rsplit("/", 1)[-1]
+    fmt = level0.metadata.zarr_format
+
+    def own(attrs: Mapping[str, Any], zarr_format: int) -> dict | None:
+        keys: dict[str, Any] = {"multiscales": [ome.multiscale(name, resolution, offset, factors, zarr_format)]}
+        if label:
+            image_label: dict[str, Any] = {"version": "0.4"} if zarr_format == 2 else {}
+            if ome.label_parent(inner) is not None:
+                image_label.update(ome.label_source(inner))
+            keys["image_label"] = image_label
+        return ome.with_ome(attrs, zarr_format, **keys)
+
+    _update_attrs(url, own, storage_options, redact_url(url))
+    if inner == ome.IMAGE_PATH:
+        for host, prefix in ome.IMAGE_HOSTS.items():
+            entry = ome.multiscale(name, resolution, offset, factors, fmt, prefix=prefix)
+            _update_attrs(join_url(root_url, host), lambda a, f, e=entry: ome.with_ome(a, f, multiscales=[e]),
+                          storage_options, redact_url(url))
+    parent = ome.label_parent(inner)
+    if label and parent is not None:
+        def listed(attrs: Mapping[str, Any], zarr_format: int) -> dict | None:
+            names = list(ome.ome_part(attrs, zarr_format).get("labels") or [])
+            return ome.with_ome(attrs, zarr_format, labels=ome.ordered_labels([*names, name]))
+
+        _update_attrs(join_url(root_url, parent, "labels"), listed, storage_options, redact_url(url))
+
+
+def _create_volume(url: str, shape, dtype, chunks, *, overwrite: bool, attrs: Mapping[str, Any],
+                   storage_options, zarr_format: int | None, fill_value: Any) -> zarr.Array:
+    """:func:`create_array` for a volume: level 0 of a multiscale group at ``url``."""
+    from catena_mito.blockwise.identity import RUN_ATTR
+
+    store = _store(url, storage_options, read_only=False)
+    try:
+        node = zarr.open(store=store, mode="r")
+    except Exception:  # nothing there yet
+        node = None
+    if isinstance(node, zarr.Array):
+        # A dataset of an older version keeps its plain array (read and written in place).
+        return _create_plain(url, shape, dtype, chunks, overwrite=overwrite, attrs=attrs,
+                             storage_options=storage_options, zarr_format=zarr_format, fill_value=fill_value)
+    before = level0_of(node) if isinstance(node, zarr.Group) else None
+    old_paths = ome.level_paths(node.attrs.asdict(), node.metadata.zarr_format) if before is not None else None
+    old_factors = ome.factors_of(node.attrs.asdict(), node.metadata.zarr_format) if before is not None else None
+    old_attrs = dict(before.attrs) if before is not None else {}
+    level_url = join_url(url, ome.LEVEL0)
+    fmt = zarr_format or _store_format(url, storage_options)
+    level_attrs = {**attrs, **ome.dimension_attrs(attrs["resolution"], (1, 1, 1), fmt)}
+    arr = _create_plain(level_url, shape, dtype, chunks, overwrite=overwrite, attrs=level_attrs,
+                        storage_options=storage_options, zarr_format=zarr_format, fill_value=fill_value)
+    # Coarser levels stay only while they still derive from what level 0 holds: same array,
+    # same run, same geometry. Otherwise they are stale and go (the pyramid is rebuilt).
+    kept = (
+        before is not None and old_factors and old_paths
+        and (tuple(before.shape), before.dtype, tuple(before.chunks)) == (tuple(arr.shape), arr.dtype, tuple(arr.chunks))
+        and old_attrs.get(RUN_ATTR) == dict(attrs).get(RUN_ATTR)
+        and (old_attrs.get("resolution"), old_attrs.get("offset")) == (dict(attrs).get("resolution"), dict(attrs).get("offset"))
+    )
+    factors = old_factors if kept else [(1, 1, 1)]
+    if not kept and old_paths:
+        for path in old_paths[1:]:
+            remove(join_url(url, path), storage_options)
+    write_volume_metadata(url, factors, storage_options, label=is_label_volume(url, attrs))
+    return arr
+
+
+def create_level(
+    url: str,
+    index: int,
+    shape: Sequence[int],
+    dtype: Any,
+    chunks: Sequence[int],
+    *,
+    attrs: Mapping[str, Any],
+    storage_options: Mapping[str, Any] | None = None,
+) -> zarr.Array:
+    """Open-or-create level ``index`` (> 0) of the volume at ``url`` (``<url>/<index>``).
+
+    Its attributes carry its own ``resolution``/``offset`` (nm) and axis units, so it reads
+    right when opened alone; one of another shape, dtype or chunks is replaced (the caller
+    owns the volume's pyramid). It is listed in the OME-NGFF metadata only by
+    :func:`write_volume_metadata`, once complete.
+    """
+    fmt = _store_format(url, storage_options)
+    level_attrs = {**attrs, **ome.dimension_attrs(attrs["resolution"], (1, 1, 1), fmt)}
+    return _create_plain(join_url(url, str(int(index))), shape, dtype, chunks, overwrite=True,
+                         attrs=level_attrs, storage_options=storage_options, zarr_format=fmt)
+
+
+def _store_format(url: str, storage_options: Mapping[str, Any] | None) -> int:
+    root_url, _ = split_store_url(url)
+    try:
+        return open_group(root_url, mode="r", storage_options=storage_options).metadata.zarr_format
+    except StorageError:
+        return 3
 
 
 # --- small files (configs, markers, merge state) -------------------------------------------

@@ -896,7 +896,9 @@ def write_synthetic_dataset(
 
     Layout: ``volumes/raw`` (uint8), ``volumes/labels/mito_ids`` and
     ``volumes/labels/neuron_ids`` (uint32), all (z, y, x) of ``shape`` voxels, chunked by
-    ``chunks``, with ``resolution`` (nm) and ``offset`` ``[0, 0, 0]`` as attributes. The
+    ``chunks``, with ``resolution`` (nm) and ``offset`` ``[0, 0, 0]`` as attributes; each
+    is an OME-NGFF multiscale group holding level ``0``, the ids as label images (see
+    :mod:`catena_mito.ome`; ``catena-mito pyramid`` adds coarser levels). The
     volume is rendered one chunk at a time (a few threads), so its size is not limited by
     memory. ``url`` is a local path, ``memory://…`` or ``s3://…``; arrays already at those
     paths are replaced. The group's ``synthetic`` attribute records seed, shape and

@@ -20,6 +20,16 @@ def test_demo_end_to_end(tmp_path):
     probs = storage.open_volume(storage.join_url(test_url, storage.prediction_path("mito")))
     instances = storage.open_volume(storage.join_url(test_url, storage.INSTANCES_PATH))
     assert probs.shape == instances.shape == (64, 128, 128)
+    # What napari-ome-zarr sees (ome-zarr-py's reader): raw, probabilities and instances,
+    # each at its three levels, instances as labels.
+    from test_ome import _nodes
+
+    seen = {path: (kind, [d.shape for d in node.data])
+            for url in (storage.join_url(test_url, "volumes"), storage.join_url(test_url, storage.prediction_path("mito")))
+            for path, kind, node in _nodes(url)}
+    levels = [(64, 128, 128), (32, 64, 64), (16, 32, 32)]
+    assert seen["volumes"] == seen[storage.prediction_path("mito")] == ("image", levels)
+    assert seen[storage.INSTANCES_PATH] == ("labels", levels)
     report = json.loads((out / "evaluation.json").read_text())
     assert 0.0 <= report["semantic"]["iou"] <= 1.0 and report["instances"]
     assert (out / "runs" / "demo" / "best.pth").exists()

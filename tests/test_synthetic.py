@@ -148,13 +148,12 @@ def test_write_dataset_local_and_memory(tmp_path):
         resolution=(10, 8, 8),
         chunks=(8, 16, 16),
     )
-    root = storage.open_group(url)
-    raw = root[storage.RAW_PATH]
+    raw = storage.open_volume(storage.join_url(url, storage.RAW_PATH))  # level 0 of its multiscale group
     assert raw.dtype == np.uint8 and raw.shape == (20, 33, 18) and raw.chunks == (8, 16, 16)
     assert list(raw.attrs["resolution"]) == [10, 8, 8]
     assert list(raw.attrs["offset"]) == [0, 0, 0]
-    mito = root[storage.LABEL_PATHS["mito"]]
-    neuron = root[storage.LABEL_PATHS["neuron"]]
+    mito = storage.open_volume(storage.join_url(url, storage.LABEL_PATHS["mito"]))
+    neuron = storage.open_volume(storage.join_url(url, storage.LABEL_PATHS["neuron"]))
     assert mito.dtype == np.uint32 and neuron.dtype == np.uint32
     expected = make_volume((20, 33, 18), seed=1, resolution=(10, 8, 8))
     assert np.array_equal(raw[:], expected["raw"])
@@ -164,9 +163,9 @@ def test_write_dataset_local_and_memory(tmp_path):
     mem = write_synthetic_dataset(
         "memory://synthetic-test.zarr", shape=(16, 16, 16), seed=1, progress=True
     )
-    group = storage.open_group(mem)
-    assert group[storage.RAW_PATH].shape == (16, 16, 16)
-    assert np.array_equal(group[storage.RAW_PATH][:], make_volume((16, 16, 16), seed=1)["raw"])
+    raw = storage.open_volume(storage.join_url(mem, storage.RAW_PATH))
+    assert raw.shape == (16, 16, 16)
+    assert np.array_equal(raw[:], make_volume((16, 16, 16), seed=1)["raw"])
 
 
 def test_write_dataset_zarr_v2(tmp_path):
@@ -175,7 +174,7 @@ def test_write_dataset_zarr_v2(tmp_path):
     )
     root = zarr.open_group(url, mode="r")
     assert root.metadata.zarr_format == 2
-    assert root[storage.RAW_PATH].shape == (10, 12, 14)
+    assert storage.open_volume(storage.join_url(url, storage.RAW_PATH)).shape == (10, 12, 14)
 
 
 @pytest.mark.parametrize(
