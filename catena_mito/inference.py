@@ -254,8 +254,9 @@ class ModelRunner:
             )
         return logits.float().contiguous()
 
-    def _probabilities(self, logits: Any, real: int) -> Any:
-        """Per-target probabilities (real, T, z, y, x) of a batch's logits, on the device.
+    def _probabilities(self, logits: Any, real: int) -> list[Any]:
+        """Per-target probabilities (T, z, y, x) of each of the first ``real`` windows of a
+        batch's logits, on the device.
 
         On CPU window by window, on a fresh contiguous tensor: PyTorch's vectorised CPU
         kernels for exp (softmax/sigmoid) split a tensor into SIMD lanes and thread chunks
@@ -268,20 +269,20 @@ class ModelRunner:
         from catena_mito.targets import probabilities
 
         if self.device.startswith("cuda"):
-            return probabilities(logits[:real], self.targets)
-        return torch.cat([probabilities(logits[i : i + 1].contiguous(), self.targets) for i in range(real)])
+            return list(torch.unbind(probabilities(logits[:real], self.targets)))
+        return [probabilities(logits[i : i + 1].contiguous(), self.targets)[0] for i in range(real)]
 
-    def _batch_probabilities(self, x: Any, real: int) -> Any:
+    def _batch_probabilities(self, x: Any, real: int) -> list[Any]:
         probs = self._probabilities(self._logits(x), real)
         if self.tta == "none":
             return probs
         for dims in ((3,), (4,), (3, 4)):  # in-plane flips y, x, yx of (N, 1, z, y, x)
             back = self._logits(x.flip(dims)).flip(dims)
-            probs = probs + self._probabilities(back, real)
-        return probs / 4.0
+            probs = [p + q for p, q in zip(probs, self._probabilities(back, real))]
+        return [p / 4.0 for p in probs]
 
-    def _batches(self, windows: Callable[[int, int], np.ndarray], n: int) -> Iterator[tuple[int, int, Any]]:
-        """``(first, real, probabilities on the device)`` per full batch of the ``n`` windows
+    def _batches(self, windows: Callable[[int, int], np.ndarray], n: int) -> Iterator[tuple[int, list[Any]]]:
+        """``(first, [probabilities of each real window, on the device])`` per full batch of the ``n`` windows
         ``windows(start, stop) -> (k, pz, py, px)`` (host float32)."""
         import torch
 
@@ -295,7 +296,7 @@ class ModelRunner:
             if self.pin:
                 x = x.pin_memory()
             x = x.to(self.device, non_blocking=True)
-            yield start, real, self._batch_probabilities(x, real)
+            yield start, self._batch_probabilities(x, real)
             self.windows_run += real
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
@@ -305,8 +306,9 @@ class ModelRunner:
         n = len(windows)
         out = np.empty((n, len(self.targets), *windows.shape[1:]), dtype=np.float32)
         with torch.inference_mode():
-            for start, real, probs in self._batches(lambda a, b: windows[a:b], n):
-                out[start : start + real] = probs.cpu().numpy()
+            for start, probs in self._batches(lambda a, b: windows[a:b], n):
+                for i, p in enumerate(probs):
+                    out[start + i] = p.cpu().numpy()
         return out
 
     def accumulate(self, data: np.ndarray, read_roi: Roi, windows: Sequence[Roi], extent: Roi,
@@ -328,11 +330,11 @@ class ModelRunner:
             return np.stack([data[win.to_slices(read_roi)] for win in windows[a:b]])
 
         with torch.inference_mode():
-            for start, real, probs in self._batches(host, len(windows)):
-                # p * 2^bits is exact in float32; rint to an integer, then exact int64 products
-                fixed = torch.round(probs * scale).to(torch.int64) * w
-                for i in range(real):
-                    acc[(slice(None), *windows[start + i].to_slices(extent))] += fixed[i]
+            for start, probs in self._batches(host, len(windows)):
+                for i, p in enumerate(probs):
+                    # p * 2^bits is exact in float32; rint to an integer, then exact int64 products
+                    fixed = torch.round(p * scale).to(torch.int64).mul_(w)
+                    acc[(slice(None), *windows[start + i].to_slices(extent))] += fixed
         return acc.cpu().numpy()
 
 

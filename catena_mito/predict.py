@@ -650,20 +650,22 @@ def _predict_zarr(config: PredictConfig, settings: ModelSettings, runner: Any, j
     done = _WindowsDone(store.markers(spec.run_id, WINDOWS_PHASE))
     windows_steps, blend_steps = _exchange_steps(job, runner, config, pieces, write, done, wait_timeout,
                                                  compute_missing=phase == "all")
-    result = None
+    results = []
     if phase in ("all", "windows"):
-        result = run_phase(store, spec, WINDOWS_PHASE, blocks, windows_steps, assignment="contiguous",
-                           desc=f"predict windows shard {shard_index}/{num_shards}", **common)
+        results.append(run_phase(store, spec, WINDOWS_PHASE, blocks, windows_steps, assignment="contiguous",
+                                 desc=f"predict windows shard {shard_index}/{num_shards}", **common))
     if phase in ("all", "blend"):
-        result = run_phase(store, spec, MARKER_TASK, blocks, blend_steps, assignment="contiguous",
-                           desc=f"predict shard {shard_index}/{num_shards}", **common)
+        results.append(run_phase(store, spec, MARKER_TASK, blocks, blend_steps, assignment="contiguous",
+                                 desc=f"predict shard {shard_index}/{num_shards}", **common))
         if store.read_complete(spec.run_id) is not None:
             pieces.remove()  # every block is blended: the intermediate sums are no longer needed
-    assert result is not None
-    return _summary(job, result, getattr(runner, "windows_run", 0) - windows_before, spec)
+    return _summary(job, results[-1], getattr(runner, "windows_run", 0) - windows_before, spec, results)
 
 
-def _summary(job: _Job, result: PhaseResult, windows: int, spec: RunSpec | None) -> dict[str, Any]:
+def _summary(job: _Job, result: PhaseResult, windows: int, spec: RunSpec | None,
+             phases: list[PhaseResult] | None = None) -> dict[str, Any]:
+    """The summary of one output; the block counts are those of the phase that writes the
+    output (the windows phase's when only it ran); ``phases`` has each phase run."""
     return {
         "input": storage.redact_url(job.input_url),
         "output": storage.redact_url(job.output_url),
@@ -676,6 +678,8 @@ def _summary(job: _Job, result: PhaseResult, windows: int, spec: RunSpec | None)
         "blocks_computed": result.blocks_computed,
         "blocks_skipped": result.blocks_skipped,
         "windows_run": windows,
+        "phases": {r.phase: {"blocks_computed": r.blocks_computed, "blocks_skipped": r.blocks_skipped}
+                   for r in (phases or [result])},
     }
 
 
