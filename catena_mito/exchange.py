@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ import numpy as np
 from catena_mito.blockwise import signals
 from catena_mito.blockwise.geometry import Block, BlockGrid, Coord, Roi
 from catena_mito.errors import ConfigError, StorageError
+
+log = logging.getLogger(__name__)
 
 #: Bits of the per-axis integer weights (the window weight has 3 × this many).
 WEIGHT_BITS = 10
@@ -282,8 +285,11 @@ class PieceStore:
 
         if self.url is None:
             self.memory.clear()
-        else:
+            return
+        try:
             storage.remove(self.url, self.options)
+        except OSError as e:  # another process of the same shard is removing them too
+            log.warning("could not remove the pieces at %s: %s", storage.redact_url(self.url), e)
 
 
 def gather(exchange: Exchange, block: Block, get: Callable[[Block, Coord], np.ndarray]) -> list[tuple[Coord, np.ndarray]]:

@@ -1,8 +1,28 @@
 """``catena-mito predict``: block-wise sliding-window inference, shardable and resumable.
 
 For every input dataset (``test_zarr_dirs``), the output volume is cut into blocks of
-``block_shape`` (voxels of the *output* grid, z, y, x); this process computes the blocks
-of its shard. Per block::
+``block_shape`` (voxels of the *output* grid, z, y, x; default :func:`default_block_shape`);
+this process computes the blocks of its shard.
+
+``window_sharing: exchange`` (the default; see :mod:`catena_mito.exchange`): every window
+of the whole-volume grid runs once, in the block that holds its start. Two phases, each
+through the block runner, shards owning contiguous runs of blocks::
+
+    windows  read + preprocess the union of the block's own windows → model, softmax/
+             sigmoid, TTA, fixed-point weighted sums on the model's device → one copy
+             back → 8 pieces (core + spill into the next blocks) → files → done marker
+    predict  (the blend) the pieces landing on the block → ÷ weight sum → encode
+             (uint8 = round(p·255) | float16 | float32) → write the block → done marker
+
+The blend of a block needs its lower neighbours' windows (the same or a lower shard):
+``--phase all`` waits ``wait_timeout`` seconds for a missing one, then computes that
+overlap itself (the same integers); ``--phase blend`` fails instead. The pieces are
+removed when the run completes. Integer sums make the output bitwise identical for any
+``block_shape``, batch grouping and number of shards, and equal to
+:func:`catena_mito.exchange.whole_volume_predict` on the whole preprocessed volume.
+
+``window_sharing: recompute`` (and ``output_res: original`` with resampling, which it
+alone serves), one phase::
 
     output block (write region, whole output chunks)
       │ output_res=original: the model-grid voxels its linear interpolation needs
@@ -11,19 +31,19 @@ of its shard. Per block::
       │                        (their union = the region read and preprocessed:
       │                         normalise/CLAHE on the input grid, resample to target_res)
       ▼
-    Gaussian-weighted blend of those windows over R  (float64, global window order)
+    Gaussian-weighted blend of those windows over R  (float32, global window order)
       │ output_res=original: resample R back to the input grid (global formula)
       ▼
-    encode (uint8 = round(p·255) | float16 | float32) → write the block → done marker
+    encode → write the block → done marker
+
+Every step computes a voxel from the same inputs in the same order whichever block asks
+(see :mod:`catena_mito.inference` and :mod:`catena_mito.preprocess`), so that output too
+is bitwise identical for any ``block_shape`` and any number of shards, and equal to
+:func:`catena_mito.inference.sliding_window_predict` on the whole preprocessed volume.
 
 A model predicts one or more *targets* (:mod:`catena_mito.targets`): one block computes all
 of them at once (the same windows, one forward pass each) and writes each target's chunk
 of its own array, so one writer per chunk still holds.
-
-Every step computes a voxel from the same inputs in the same order whichever block asks
-(see :mod:`catena_mito.inference` and :mod:`catena_mito.preprocess`), so the output is
-bitwise identical for any ``block_shape`` and any number of shards, and equal to
-:func:`catena_mito.inference.sliding_window_predict` on the whole preprocessed volume.
 
 Outputs (Zarr):
 
