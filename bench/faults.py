@@ -242,6 +242,23 @@ def check_markers(job: Job, reference: np.ndarray) -> tuple[int, list[str]]:
         if not np.array_equal(storage.open_array(job.output_url)[...], reference):
             problems.append(f"{job.kind} complete.json written but the output differs")
     if job.kind == "predict":
+        # window_sharing exchange: a windows block marked done has every piece it hands on
+        from catena_mito.exchange import decode_piece
+
+        for m in sorted((run / "windows" / "done").glob("*.json")):
+            seen += 1
+            info = json.loads(m.read_text())
+            pieces = sorted((run / "windows" / "pieces" / str(info["block"])).glob("*.blosc"))
+            if complete.exists():
+                continue  # the pieces are removed once the run is complete
+            if len(pieces) != info["pieces"]:
+                problems.append(f"predict windows block {info['block']} marked done with "
+                                f"{len(pieces)} of {info['pieces']} pieces")
+            for piece in pieces:
+                try:
+                    decode_piece(piece.read_bytes())
+                except Exception as e:  # noqa: BLE001
+                    problems.append(f"predict windows piece {piece} marked done but unreadable: {e}")
         markers = sorted((run / "predict" / "done").glob("*.json"))
         if markers:
             out = storage.open_array(job.output_url)

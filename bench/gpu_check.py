@@ -11,9 +11,12 @@ exits 1 when a check fails. What it measures:
 
 - ``amp``: the default backbones under bf16 autocast run their convolutions in bf16, and
   their probabilities stay within 0.05 of fp32;
-- ``predict``: windows/s of the real block-wise predict at 256³ (default monai_unet,
-  patch 128³) with and without ``amp``, and its ratio to a bare forward loop over the
-  same windows (the CPU bench's ratio, on a GPU);
+- ``predict``: output MVx/s of the real block-wise predict at 256³ (default settings:
+  each window once; default monai_unet, patch 128³, batch 8) in fp32, bf16 and bf16 +
+  channels_last, the bare forward pass's MVx/s over the same windows on this GPU, and
+  their ratio;
+- ``predict_gpus``: one process per GPU (``CUDA_VISIBLE_DEVICES``, one shard each) on a
+  256×512×512 volume against one GPU alone, output MVx/s (process start-up included);
 - ``train``: optimisation steps/s of the real training loop with ``amp`` (default
   monai_unet, patch 64³, batch 4), a finite loss and a written checkpoint;
 - ``ddp``: ``torch.distributed.run --nproc_per_node=<GPUs>`` of the train command (NCCL
@@ -72,13 +75,41 @@ def _dataset(root: Path, shape, seed: int) -> str:
                                    chunks=(64, 64, 64))
 
 
-def check_predict(root: Path) -> bool:
-    from catena_mito.checkpoint import make_payload, save_checkpoint
+def _predict_config(ckpt: str, data: str, out: str, **kw):
     from catena_mito.config import PredictConfig
+
+    return PredictConfig(model_path=ckpt, test_zarr_dirs=[data], output_dir=out, device="cuda",
+                         batch_size=8, num_workers=4, **kw)
+
+
+def _bare_forward_seconds(model, windows: int, batch: int, patch: int, precision: str, channels_last: bool) -> float:
+    """The bare model over ``windows`` windows (full batches), in the same precision."""
+    net = model.cuda().eval()
+    x = torch.rand(batch, 1, patch, patch, patch, device="cuda")
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    ctx = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cuda", enabled=False)
+    with torch.inference_mode(), ctx:
+        net(x)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(-(-windows // batch)):
+            net(x)
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def check_predict(root: Path) -> bool:
+    """Predict output MVx/s (default settings: exchange, block 256³ for patch 128) against the
+    bare forward pass of the same windows on this GPU, in fp32, bf16 and bf16 + channels_last."""
+    from catena_mito.checkpoint import make_payload, save_checkpoint
     from catena_mito.models import build_model
     from catena_mito.predict import predict
 
-    data = _dataset(root, (256, 256, 256), seed=3)
+    shape = (256, 256, 256)
+    data = _dataset(root, shape, seed=3)
     torch.manual_seed(0)
     model = build_model("monai_unet")
     ckpt = str(root / "untrained.pth")
@@ -86,32 +117,56 @@ def check_predict(root: Path) -> bool:
         "patch_size": [128, 128, 128], "stride": [64, 64, 64], "clahe": False,
         "original_res": [8, 8, 8], "target_res": [8, 8, 8], "label_type": "mito"}))
     figures, ok = {}, True
-    for amp in (False, True):
-        cfg = PredictConfig(model_path=ckpt, test_zarr_dirs=[data], output_dir=str(root / f"pred-{amp}"),
-                            block_shape=(256, 256, 256), output_chunks=(64, 64, 64), batch_size=4,
-                            device="cuda", amp=amp, num_workers=2)
+    mvx = float(np.prod(shape)) / 1e6
+    for name, kw in (("fp32", {"precision": "fp32"}), ("bf16", {"precision": "bf16"}),
+                     ("bf16_channels_last", {"precision": "bf16", "channels_last": True})):
+        predict(_predict_config(ckpt, data, str(root / "warm"), **kw), overwrite=True)  # cuDNN autotune, caches
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        summary = predict(cfg)
+        summary = predict(_predict_config(ckpt, data, str(root / f"pred-{name}"), **kw))
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         windows = sum(o["windows_run"] for o in summary["outputs"])
-        figures[f"windows_per_s_amp_{amp}"] = round(windows / seconds, 2)
-        # the same number of windows through the bare model, batches of 4
-        net = model.cuda().eval()
-        x = torch.rand(4, 1, 128, 128, 128, device="cuda")
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.autocast("cuda", enabled=False)
-        with torch.inference_mode(), ctx:
-            net(x)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(-(-windows // 4)):
-                torch.softmax(net(x).float(), 1)
-            torch.cuda.synchronize()
-        pure = time.perf_counter() - t0
-        figures[f"predict_over_forward_amp_{amp}"] = round(seconds / pure, 3)
+        bare = _bare_forward_seconds(model, windows, 8, 128, kw["precision"], kw.get("channels_last", False))
+        figures[f"{name}_output_mvx_per_s"] = round(mvx / seconds, 2)
+        figures[f"{name}_bare_forward_mvx_per_s"] = round(mvx / bare, 2)
+        figures[f"{name}_predict_over_bare_forward"] = round(seconds / bare, 3)
+        figures[f"{name}_windows"] = windows
         ok &= windows > 0
-    return report("predict", ok, volume=[256, 256, 256], patch=[128, 128, 128], **figures)
+    figures["bf16_over_fp32_speed"] = round(figures["bf16_output_mvx_per_s"] / figures["fp32_output_mvx_per_s"], 3)
+    return report("predict", ok, volume=list(shape), patch=[128, 128, 128], batch=8, **figures)
+
+
+def check_predict_gpus(root: Path) -> bool:
+    """One process per GPU, one shard each (CUDA_VISIBLE_DEVICES), against one GPU alone:
+    output MVx/s of the whole volume (bf16, defaults)."""
+    gpus = torch.cuda.device_count()
+    shape = (256, 512, 512)
+    data = _dataset(root, shape, seed=5)
+    ckpt = str(root / "untrained.pth")
+    mvx = float(np.prod(shape)) / 1e6
+    figures = {}
+    for count in sorted({1, gpus}):
+        out = root / f"pred-gpus-{count}"
+        cfg = root / f"gpus-{count}.yaml"
+        cfg.write_text(yaml.safe_dump({"model_path": ckpt, "test_zarr_dirs": [data], "output_dir": str(out),
+                                       "device": "cuda", "batch_size": 8, "num_workers": 4, "precision": "bf16"}))
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-m", "catena_mito", "predict", "--config", str(cfg),
+                                   "--shard-index", str(g), "--num-shards", str(count)], cwd=REPO,
+                                  env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": str(g)},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for g in range(count)]
+        errors = [p.communicate(timeout=1800)[1] for p in procs]
+        seconds = time.perf_counter() - t0
+        if any(p.returncode for p in procs):
+            return report("predict_gpus", False, gpus=count, stderr_tail=errors[0][-400:])
+        figures[f"gpus_{count}_output_mvx_per_s"] = round(mvx / seconds, 2)  # with process start-up
+    if gpus > 1:
+        figures["speedup_all_over_one"] = round(figures[f"gpus_{gpus}_output_mvx_per_s"]
+                                                / figures["gpus_1_output_mvx_per_s"], 3)
+    return report("predict_gpus", True, gpus=gpus, volume=list(shape),
+                  note="one GPU: nothing to compare" if gpus == 1 else "", **figures)
 
 
 def _train_config(root: Path, name: str, data: str) -> dict:
@@ -160,7 +215,7 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     report("cuda", True, torch=torch.__version__, device=torch.cuda.get_device_name(0),
            gpus=torch.cuda.device_count(), bf16=torch.cuda.is_bf16_supported())
-    results = [check_amp(), check_predict(root), check_train(root), check_ddp(root)]
+    results = [check_amp(), check_predict(root), check_predict_gpus(root), check_train(root), check_ddp(root)]
     return 0 if all(results) else 1
 
 

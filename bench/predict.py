@@ -1,31 +1,30 @@
-"""Benchmark ``catena-mito predict`` (CPU): overhead, sharding recompute, memory.
+"""Benchmark ``catena-mito predict`` on CPU: windows once, overhead, pipeline throughput, memory.
 
-Figures (goals from issue 5):
+Figures (issue 13):
 
-1. time(predict, one shard, 256³ synthetic Zarr, small MONAI U-Net, batch 2, 128³ blocks)
-   / time(pure forward passes of the same windows in a loop, same batch size):
-   goal <= 1.10. "The same windows" = exactly the forward passes predict makes (its
-   windows per block, batches padded to full size), so the ratio is the cost of reading,
-   preprocessing, blending, encoding, writing and markers; the recompute of windows shared
-   by neighbouring blocks is figure 2.
-2. windows computed with blocks of 128³ and 256³ (and 64³) / windows of one whole-volume
-   pass (the recompute cost of sharding); pure geometry, no model run.
-3. peak RSS of predict at 512³ / at 256³ with the same 128³ blocks: goal <= 1.1.
-   Memory, not speed, is measured here, so this uses a *very small* U-Net
-   (channels 2, 4) and stride = patch (fewer windows) to keep the 512³ run short on
-   2 CPUs, on uniform-noise uint8 volumes (content does not change memory).
-4. sharded == single process: the 256³ synthetic volume predicted by one process and by
-   ``--shards`` processes (one shard each, one after the other, into one output) gives
-   byte-identical output files (chunks and metadata; the ``.catena`` run records aside),
-   and the same run id. Tiny U-Net, stride = half a patch.
+1. windows computed by a 3-shard run with default settings / windows of one whole-volume
+   pass, at 256³ and 512³, for patch 64 / stride 32 and patch 128 / stride 64 (goal
+   <= 1.05), beside the same figure for ``window_sharing: recompute`` with the previous
+   default 128³ blocks ("before"). From the run plan (``--dry-run``'s accounting, which the
+   tests check against the windows predict really runs); no model runs.
+2. wall time of predict (one shard, default settings, the default Catena-sized U-Net, batch
+   2) / bare forward passes over the whole-volume window grid with the same model and
+   batch size, on ``--vol`` (default 128×256×256): goal <= 1.15.
+3. pipeline throughput with a near-zero-cost model (one 1×1×1 conv, 2 channels) in output
+   MVx/s, recompute (before) and exchange (after), and a profile of the exchange run
+   (top functions by own time).
+4. peak RSS of predict (exchange, near-zero-cost model) at 8× the volume / at 1×: goal <= 1.1.
+5. exchange vs recompute on the synthetic volume (small U-Net, float32 output): the two
+   blends weight window borders differently (see catena_mito.exchange), so they differ by
+   more than the fixed-point rounding, which the tests bound by 2^-24.
+6. sharded == single process: 3 shards (default settings) vs one process, byte-identical
+   output files and the same run id.
 
-Each measurement runs in a fresh subprocess that reports its own wall time (work only,
-not interpreter start-up or the one-time import of torch and MONAI, ~3 s, which both sides
-pay before their clock starts) and peak RSS (ru_maxrss). Figure 1 runs ``--repeats``
-alternating predict/forward pairs and reports the median ratio: this machine's speed
-drifts by 2-3x from one minute to the next. Inputs go to a temp dir.
+Each run of predict or of the bare model is a fresh subprocess that reports its own wall
+time (work only, after imports) and peak RSS. This machine's cores are shared, so absolute
+times are noisy; ratios of runs made back to back are the figures to read.
 
-    .venv/bin/python bench/predict.py [--size 256] [--big 512] [--block 128] [--repeats 3] [--keep DIR]
+    .venv/bin/python bench/predict.py [--size 256] [--vol 128 256 256] [--repeats 1] [--skip 2,5]
 """
 
 from __future__ import annotations
@@ -43,31 +42,42 @@ from pathlib import Path
 
 import numpy as np
 
-PATCH = 64
 SMALL_UNET = {"channels": (8, 16, 32), "strides": (2, 2), "num_res_units": 1}
-TINY_UNET = {"channels": (2, 4), "strides": (2,), "num_res_units": 0}
 
 CHILD = r"""
 import json, resource, sys, time
 mode, args = sys.argv[1], json.loads(sys.argv[2])
 import torch
 torch.set_num_threads(args["threads"])
+import monai.networks.nets  # noqa: F401  (imported before the clock in both modes)
+from catena_mito.checkpoint import build_model_from_checkpoint, load_checkpoint
+if args.get("conv1"):  # the near-zero-cost model: one 1x1x1 conv in place of the checkpoint's
+    import catena_mito.checkpoint as ck
+    def conv1(ckpt):
+        torch.manual_seed(0)
+        return torch.nn.Conv3d(1, 2, 1)
+    ck.build_model_from_checkpoint = conv1
 if mode == "predict":
-    import monai.networks.nets  # noqa: F401  (imported before the clock, as the forward child does)
     from catena_mito.config import PredictConfig, config_from_dict
     from catena_mito.predict import predict
-    config = config_from_dict(PredictConfig, {
-        "model_path": args["ckpt"], "test_zarr_dirs": [args["data"]], "output_dir": args["out"],
-        "device": "cpu", "batch_size": args["batch"], "patch_size": args["patch"],
-        "stride": args["stride"], "block_shape": args["block"], "output_chunks": args["chunks"],
-        "num_workers": args["workers"],
-    })
+    config = config_from_dict(PredictConfig, {"model_path": args["ckpt"], "test_zarr_dirs": [args["data"]],
+                                              "output_dir": args["out"], "device": "cpu", **args["config"]})
+    prof = None
+    if args.get("profile"):
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
     t = time.perf_counter()
     summary = predict(config, shard_index=args.get("shard", 0), num_shards=args.get("shards", 1))
     elapsed = time.perf_counter() - t
-    extra = {"windows_run": summary["outputs"][0]["windows_run"]}
+    extra = {"windows_run": summary["outputs"][0]["windows_run"], "shape": summary["outputs"][0]["shape"]}
+    if prof is not None:
+        import io, pstats
+        prof.disable()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args["profile"])
+        extra["profile"] = out.getvalue()
 else:
-    from catena_mito.checkpoint import build_model_from_checkpoint, load_checkpoint
     model = build_model_from_checkpoint(load_checkpoint(args["ckpt"])).eval()
     x = torch.rand(args["batch"], 1, *args["patch"])
     with torch.inference_mode():  # every call timed, the first too (as in predict)
@@ -82,15 +92,13 @@ print(json.dumps({"seconds": elapsed, "peak_rss": peak, **extra}))
 
 
 def child(mode: str, **args) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, json.dumps(args)], capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode, json.dumps(args)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def save_model(path: str, params: dict) -> None:
+def save_model(path: str, params: dict, patch: int, stride: int) -> None:
     import torch
 
     from catena_mito.checkpoint import make_payload, save_checkpoint
@@ -98,145 +106,200 @@ def save_model(path: str, params: dict) -> None:
 
     torch.manual_seed(0)
     model = build_model("monai_unet", **params).eval()
-    save_checkpoint(path, make_payload("monai_unet", params, model, config={"patch_size": [PATCH] * 3}))
+    save_checkpoint(path, make_payload("monai_unet", params, model,
+                                       config={"patch_size": [patch] * 3, "stride": [stride] * 3}))
 
 
-def write_noise(url: str, size: int, chunk: int = 64) -> None:
-    """A uint8 noise volume written chunk slab by chunk slab (memory O(size² × chunk))."""
+def write_noise(url: str, shape, chunk: int = 64) -> None:
+    """A uint8 noise volume written slab by slab (memory O(y·x·chunk))."""
     from catena_mito import storage
 
-    arr = storage.create_array(
-        f"{url}/volumes/raw", (size,) * 3, np.uint8, (chunk,) * 3,
-        attrs=storage.spatial_attrs((8, 8, 8)), overwrite=True,
-    )
+    arr = storage.create_array(f"{url}/volumes/raw", shape, np.uint8, (chunk,) * 3,
+                               attrs=storage.spatial_attrs((8, 8, 8)), overwrite=True)
     rng = np.random.default_rng(0)
-    for z in range(0, size, chunk):
-        arr[z : z + chunk] = rng.integers(0, 256, (min(chunk, size - z), size, size), dtype=np.uint8)
+    for z in range(0, shape[0], chunk):
+        arr[z : z + chunk] = rng.integers(0, 256, (min(chunk, shape[0] - z), *shape[1:]), dtype=np.uint8)
 
 
-def forward_calls(size: int, block: int, patch: int, stride: int, batch: int) -> tuple[int, int, int]:
-    """(forward calls, windows, whole-volume windows) of predict with this geometry."""
-    from catena_mito.blockwise.geometry import BlockGrid
+def empty_volume(url: str, shape) -> None:
+    """A raw array with metadata only (no chunk written): enough for a plan."""
+    from catena_mito import storage
+
+    storage.create_array(f"{url}/volumes/raw", shape, np.uint8, (64, 64, 64),
+                         attrs=storage.spatial_attrs((8, 8, 8)), overwrite=True)
+
+
+def plan_windows(work: Path, size: int, patch: int, stride: int, shards: int, **config) -> tuple[int, int, list]:
+    """(windows over all shards, whole-volume windows, block shape) from the plans of ``shards`` shards."""
+    from catena_mito.config import PredictConfig, config_from_dict
+    from catena_mito.predict import predict
+
+    data = work / f"empty{size}.zarr"
+    if not data.exists():
+        empty_volume(str(data), (size,) * 3)
+    ckpt = work / f"plan-{patch}.pth"
+    if not ckpt.exists():
+        save_model(str(ckpt), {"channels": (2, 4), "strides": (2,), "num_res_units": 0}, patch, stride)
+    cfg = config_from_dict(PredictConfig, {"model_path": str(ckpt), "test_zarr_dirs": [str(data)],
+                                           "output_dir": str(work / "plan-out"), "device": "cpu",
+                                           "stride": [stride] * 3, **config})
+    plans = [predict(cfg, shard_index=k, num_shards=shards, dry_run=True)["outputs"][0] for k in range(shards)]
+    return sum(p["windows_this_shard"] for p in plans), plans[0]["windows_whole_volume"], plans[0]["block_shape"]
+
+
+def figure_windows(work: Path, sizes) -> None:
+    print("\n1. windows computed by 3 shards / windows of one whole-volume pass (plans; goal <= 1.05)")
+    for patch, stride in ((64, 32), (128, 64)):
+        for size in sizes:
+            after, whole, block = plan_windows(work, size, patch, stride, 3)
+            before, _, old = plan_windows(work, size, patch, stride, 3, window_sharing="recompute",
+                                          block_shape=[128] * 3)
+            print(f"   {size}³ patch {patch} stride {stride}: exchange (default block {block[0]}³) "
+                  f"{after}/{whole} = {after / whole:.3f}   before: recompute, block {old[0]}³ "
+                  f"{before}/{whole} = {before / whole:.3f}")
+
+
+def figure_overhead(work: Path, vol, repeats: int, threads: int) -> None:
     from catena_mito.inference import WindowGrid
+    from catena_mito.synthetic import write_synthetic_dataset
 
-    grid = WindowGrid((size,) * 3, (patch,) * 3, (stride,) * 3)
-    calls = windows = 0
-    for b in BlockGrid((size,) * 3, (block,) * 3).blocks():
-        n = len(grid.windows(b.write_roi))
-        windows += n
-        calls += math.ceil(n / batch)
-    return calls, windows, grid.num_windows
+    data = str(work / "syn-overhead.zarr")
+    write_synthetic_dataset(data, shape=tuple(vol), seed=0, chunks=(64, 64, 64))
+    ckpt = str(work / "default-unet.pth")
+    save_model(ckpt, {}, 64, 32)  # the default monai_unet (Catena-sized, 1.3 M parameters)
+    batch = 2  # predict's default batch_size
+    whole = WindowGrid(tuple(vol), (64,) * 3, (32,) * 3).num_windows
+    calls = math.ceil(whole / batch)
+    pairs = []
+    for i in range(repeats):
+        pred = child("predict", threads=threads, ckpt=ckpt, data=data, out=str(work / f"ovh{i}"), config={})
+        fwd = child("forward", threads=threads, ckpt=ckpt, batch=batch, patch=[64] * 3, calls=calls)
+        pairs.append((pred["seconds"], fwd["seconds"], pred["windows_run"]))
+    print(f"\n2. predict (1 shard, defaults, default monai_unet, batch {batch}) / bare forward of the "
+          f"whole-volume grid ({list(vol)}, {whole} windows, {calls} calls), {threads} threads")
+    for p_s, f_s, n in pairs:
+        print(f"   predict {p_s:7.1f} s ({n} windows)   bare forward {f_s:7.1f} s   ratio {p_s / f_s:.3f}")
+    print(f"   median ratio {statistics.median(p / f for p, f, _ in pairs):.3f}   (goal <= 1.15)")
+
+
+def figure_throughput(work: Path, size: int, threads: int, profile_lines: int) -> None:
+    data = str(work / f"noise{size}.zarr")
+    write_noise(data, (size,) * 3)
+    ckpt = str(work / "tiny-64.pth")
+    save_model(ckpt, {"channels": (2, 4), "strides": (2,), "num_res_units": 0}, 64, 32)
+    mvx = size**3 / 1e6
+    runs = {}
+    for name, config in (("before (recompute, block 128³)", {"window_sharing": "recompute", "block_shape": [128] * 3}),
+                         ("after  (exchange, defaults)", {})):
+        runs[name] = child("predict", threads=threads, ckpt=ckpt, data=data, out=str(work / f"thr-{len(runs)}"),
+                           config=config, conv1=True, profile=profile_lines if name.startswith("after") else 0)
+    print(f"\n3. pipeline throughput, near-zero-cost model (1x1x1 conv), {size}³ uint8, {threads} threads")
+    for name, r in runs.items():
+        print(f"   {name}: {r['seconds']:6.1f} s, {mvx / r['seconds']:6.2f} output MVx/s, {r['windows_run']} windows")
+    prof = runs["after  (exchange, defaults)"]["profile"]
+    print("   profile of the exchange run (own time; cProfile, so slower than unprofiled):")
+    keep = [ln for ln in prof.splitlines() if ln.strip() and ("(" in ln or "ncalls" in ln)]
+    print("\n".join("     " + ln for ln in keep[: profile_lines + 1]))
+
+
+def figure_memory(work: Path, size: int, threads: int) -> None:
+    ckpt = str(work / "tiny-64.pth")
+    if not Path(ckpt).exists():
+        save_model(ckpt, {"channels": (2, 4), "strides": (2,), "num_res_units": 0}, 64, 32)
+    rss = {}
+    for s in (size // 2, size):
+        url = str(work / f"rss{s}.zarr")
+        write_noise(url, (s,) * 3)
+        rss[s] = child("predict", threads=threads, ckpt=ckpt, data=url, out=str(work / f"rss-out{s}"), config={},
+                       conv1=True)
+        shutil.rmtree(url, ignore_errors=True)
+    a, b = rss[size // 2]["peak_rss"], rss[size]["peak_rss"]
+    print(f"\n4. peak RSS, exchange defaults, near-zero-cost model: {size // 2}³ {a / 2**20:.0f} MiB, "
+          f"{size}³ (8x the volume) {b / 2**20:.0f} MiB, ratio {b / a:.3f}   (goal <= 1.1)")
+
+
+def figure_blends(work: Path, threads: int) -> None:
+    from catena_mito import storage
+    from catena_mito.synthetic import write_synthetic_dataset
+
+    data = str(work / "syn-blend.zarr")
+    write_synthetic_dataset(data, shape=(64, 128, 128), seed=1, chunks=(64, 64, 64))
+    ckpt = str(work / "small-64.pth")
+    save_model(ckpt, SMALL_UNET, 64, 32)
+    out = {}
+    for mode in ("exchange", "recompute"):
+        child("predict", threads=threads, ckpt=ckpt, data=data, out=str(work / f"blend-{mode}"),
+              config={"window_sharing": mode, "output_dtype": "float32"})
+        out[mode] = storage.open_array(str(work / f"blend-{mode}" / "syn-blend.zarr" / "volumes/predictions/mito"))[...]
+    d = np.abs(out["exchange"] - out["recompute"])
+    u8 = [np.rint(out[m] * np.float32(255)).astype(np.uint8) for m in ("exchange", "recompute")]
+    print("\n5. exchange vs recompute blend (small U-Net, 64x128x128, float32): max |dp| "
+          f"{d.max():.2e}, 99.9th pct {np.percentile(d, 99.9):.2e}, median {np.median(d):.2e}; "
+          f"uint8 differs at {np.mean(u8[0] != u8[1]) * 100:.2f}% of voxels")
 
 
 def output_files(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` except the run records (``.catena``)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and ".catena" not in p.relative_to(root).parts}
 
 
-def sharded_vs_single(work: Path, common: dict, ckpt: str, data: str, stride: int, block: int, shards: int) -> None:
+def figure_sharded(work: Path, size: int, threads: int, shards: int) -> None:
     from catena_mito import storage
     from catena_mito.predict import run_store
+    from catena_mito.synthetic import write_synthetic_dataset
 
-    args = dict(common, ckpt=ckpt, data=data, stride=[stride] * 3, block=[block] * 3, chunks=[64] * 3, workers=1)
-    single, sharded = work / "out4-single", work / "out4-sharded"
-    t = time.perf_counter()
-    child("predict", **args, out=str(single))
-    one_s = time.perf_counter() - t
-    t = time.perf_counter()
+    data = str(work / "syn-shard.zarr")
+    write_synthetic_dataset(data, shape=(size,) * 3, seed=0, chunks=(64, 64, 64))
+    ckpt = str(work / "tiny-64.pth")
+    if not Path(ckpt).exists():
+        save_model(ckpt, {"channels": (2, 4), "strides": (2,), "num_res_units": 0}, 64, 32)
+    single, sharded = work / "shard-single", work / "shard-many"
+    windows = [child("predict", threads=threads, ckpt=ckpt, data=data, out=str(single), config={})["windows_run"]]
     for k in range(shards):
-        child("predict", **args, out=str(sharded), shard=k, shards=shards)
-    many_s = time.perf_counter() - t
+        windows.append(child("predict", threads=threads, ckpt=ckpt, data=data, out=str(sharded), config={},
+                             shard=k, shards=shards)["windows_run"])
     a, b = output_files(single), output_files(sharded)
-    same = a == b
-    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     ids = []
     for out in (single, sharded):
-        url = storage.join_url(str(out), Path(data).name, storage.prediction_path("mito"))
-        store = run_store(url)
+        store = run_store(storage.join_url(str(out), "syn-shard.zarr", "volumes/predictions/mito"))
         claim = store.read_claim() or {}
         ids.append((claim.get("run_id"), store.read_complete(str(claim.get("run_id"))) is not None))
-    print(f"\n4. sharded == single process ({Path(data).name}, tiny U-Net, block {block}³, stride {stride})")
-    print(f"   1 process {one_s:.1f} s, {shards} shards {many_s:.1f} s (wall, with start-up)")
-    print(f"   {len(a)} output files, identical: {same}" + ("" if same else f" (differ: {differ[:5]})"))
-    print(f"   run ids {ids[0][0]} / {ids[1][0]}, complete {ids[0][1]} / {ids[1][1]}")
-    if not same or ids[0][0] != ids[1][0] or not (ids[0][1] and ids[1][1]):
+    print(f"\n6. sharded == single ({size}³, defaults): {len(a)} output files identical: {a == b}; run ids "
+          f"{ids[0][0]} / {ids[1][0]}, complete {ids[0][1]}/{ids[1][1]}; windows 1 process {windows[0]}, "
+          f"{shards} shards {sum(windows[1:])} ({windows[1:]})")
+    if a != b or ids[0][0] != ids[1][0]:
         raise SystemExit("sharded output differs from the single-process output")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--big", type=int, default=512)
-    parser.add_argument("--block", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=256, help="edge of the throughput/memory/sharding volumes")
+    parser.add_argument("--plan-sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--vol", type=int, nargs=3, default=[128, 256, 256], help="volume of figure 2")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating predict/forward pairs")
-    parser.add_argument("--shards", type=int, default=2, help="shards of figure 4 (0: skip it)")
+    parser.add_argument("--repeats", type=int, default=1, help="predict/forward pairs of figure 2")
+    parser.add_argument("--profile", type=int, default=12, help="profile lines of figure 3")
+    parser.add_argument("--shards", type=int, default=3)
+    parser.add_argument("--skip", default="", help="comma-separated figure numbers to skip")
     parser.add_argument("--keep", default=None, help="keep inputs/outputs in this directory")
     opts = parser.parse_args()
-
+    skip = {int(x) for x in opts.skip.split(",") if x}
     work = Path(opts.keep or tempfile.mkdtemp(prefix="bench-predict-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        from catena_mito.synthetic import write_synthetic_dataset
-
-        size, big, block, batch = opts.size, opts.big, opts.block, opts.batch
-        stride = PATCH // 2
-        t = time.perf_counter()
-        syn = str(work / f"syn{size}.zarr")
-        write_synthetic_dataset(syn, shape=(size,) * 3, seed=0, chunks=(64, 64, 64))
-        small_ckpt, tiny_ckpt = str(work / "small.pth"), str(work / "tiny.pth")
-        save_model(small_ckpt, SMALL_UNET)
-        save_model(tiny_ckpt, TINY_UNET)
-        print(f"setup: synthetic {size}³ + checkpoints in {time.perf_counter() - t:.1f} s", flush=True)
-
-        # 1. overhead of predict over pure forward passes of the same windows
-        common = {"threads": opts.threads, "batch": batch, "patch": [PATCH] * 3}
-        calls, windows, whole = forward_calls(size, block, PATCH, stride, batch)
-        # This machine's speed drifts by 2-3x between minutes (shared cores), so predict and
-        # the forward loop run as alternating pairs and the median of the pair ratios counts.
-        pairs = []
-        for i in range(opts.repeats):
-            pred = child("predict", **common, ckpt=small_ckpt, data=syn, out=str(work / f"out1-{i}"),
-                         stride=[stride] * 3, block=[block] * 3, chunks=[64] * 3, workers=1)
-            fwd = child("forward", **common, ckpt=small_ckpt, calls=calls)
-            assert pred["windows_run"] == windows, (pred["windows_run"], windows)
-            pairs.append((pred["seconds"], fwd["seconds"]))
-        print(f"\n1. predict {size}³, small U-Net {SMALL_UNET['channels']}, patch {PATCH}³, stride "
-              f"{stride}, block {block}³, batch {batch}, {opts.threads} CPU threads "
-              f"({windows} windows, {calls} forward calls of batch {batch}; {opts.repeats} alternating pairs)")
-        for p_s, f_s in pairs:
-            print(f"   predict {p_s:7.1f} s   pure forward {f_s:7.1f} s   ratio {p_s / f_s:6.3f}")
-        ratio = statistics.median(p_s / f_s for p_s, f_s in pairs)
-        print(f"   median ratio      {ratio:8.3f}   (goal <= 1.10)")
-
-        # 2. recompute cost of blocks (geometry only)
-        print(f"\n2. windows computed / windows of one whole-volume pass ({size}³, patch {PATCH}, stride {stride})")
-        for b in (64, 128, 256):
-            _, n, w = forward_calls(size, b, PATCH, stride, batch)
-            print(f"   block {b:3d}³: {n:6d} / {w:6d} = {n / w:.3f}")
-        for b in (128, 256):
-            _, n, w = forward_calls(big, b, PATCH, stride, batch)
-            print(f"   ({big}³) block {b:3d}³: {n:6d} / {w:6d} = {n / w:.3f}")
-
-        # 3. memory: peak RSS at big³ / size³, same block, tiny model, stride = patch
-        rss = {}
-        for s in (size, big):
-            url = str(work / f"noise{s}.zarr")
-            write_noise(url, s)
-            rss[s] = child("predict", **common, ckpt=tiny_ckpt, data=url, out=str(work / f"out_rss{s}"),
-                           stride=[PATCH] * 3, block=[block] * 3, chunks=[64] * 3, workers=1)
-            shutil.rmtree(url, ignore_errors=True)
-        print(f"\n3. peak RSS, tiny U-Net {TINY_UNET['channels']}, stride {PATCH} (= patch), block {block}³")
-        for s in (size, big):
-            print(f"   {s}³: {rss[s]['peak_rss'] / 2**20:8.1f} MiB  ({rss[s]['seconds']:.1f} s)")
-        print(f"   ratio {big}³/{size}³: {rss[big]['peak_rss'] / rss[size]['peak_rss']:.3f}   (goal <= 1.1)")
-        # 4. sharded == single process (tiny model: the geometry, not the model, is tested)
-        if opts.shards > 1:
-            sharded_vs_single(work, common, tiny_ckpt, syn, stride, block, opts.shards)
-
+        steps = {
+            1: lambda: figure_windows(work, opts.plan_sizes),
+            2: lambda: figure_overhead(work, opts.vol, opts.repeats, opts.threads),
+            3: lambda: figure_throughput(work, opts.size, opts.threads, opts.profile),
+            4: lambda: figure_memory(work, opts.size, opts.threads),
+            5: lambda: figure_blends(work, opts.threads),
+            6: lambda: figure_sharded(work, opts.size, opts.threads, opts.shards),
+        }
+        for number, step in steps.items():
+            if number not in skip:
+                step()
+                sys.stdout.flush()
         print(f"\ntotal bench time {time.perf_counter() - started:.0f} s")
     finally:
         if not opts.keep:

@@ -142,7 +142,15 @@ def train(config_path: str, overrides: tuple[str, ...]) -> None:
 @_log_options
 @_config_options
 @_shard_options
-def predict(config_path: str, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None, overwrite: bool, dry_run: bool) -> None:
+@click.option(
+    "--phase", type=click.Choice(["all", "windows", "blend"]), default="all", show_default=True,
+    help="window_sharing exchange: run this shard's windows, then its blend (all), or one of them.",
+)
+@click.option(
+    "--wait-timeout", type=float, default=600.0, show_default=True, metavar="SECONDS",
+    help="How long a blend waits for the windows of lower shards (all: then computes them itself; blend: then fails).",
+)
+def predict(config_path: str, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None, overwrite: bool, dry_run: bool, phase: str, wait_timeout: float) -> None:
     """Sliding-window inference, block by block, writing a probability volume."""
     from catena_mito.blockwise.sharding import resolve_shard
 
@@ -151,7 +159,8 @@ def predict(config_path: str, overrides: tuple[str, ...], shard_index: int | Non
     from catena_mito.predict import format_plan
     from catena_mito.predict import predict as run
 
-    summary = run(config, shard_index=index, num_shards=count, overwrite=overwrite, dry_run=dry_run)
+    summary = run(config, shard_index=index, num_shards=count, overwrite=overwrite, dry_run=dry_run,
+                  phase=phase, wait_timeout=wait_timeout)
     if dry_run:
         click.echo("\n".join(format_plan(p) for p in summary["outputs"]))
 

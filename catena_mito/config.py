@@ -191,13 +191,17 @@ class PredictConfig(JobConfig, _PatchFields):
     output_format: OutputFormat = Field("zarr", description="`zarr` (block-wise, shardable) or `tiff` (single-process gather).")
     output_dir: str | None = Field(None, description="Output location; default: into each input store.")
     output_filename: str | None = Field(None, description="Output name inside `output_dir`; default `volumes/predictions/<label_type>`.")
-    block_shape: PositiveTriple = Field((128, 128, 128), description="Beyond the design. Unit of sharding (z, y, x voxels); a multiple of `output_chunks`.")
+    block_shape: PositiveTriple | None = Field(None, description="Beyond the design. Unit of sharding (z, y, x voxels); a multiple of `output_chunks`. Default: per axis the smallest multiple of lcm(`output_chunks`, `stride`) that is at least max(128, 2 x `patch_size`) (an axis shorter than that is one block), so each block owns whole rows of windows and its overlap into the next block stays small.")
     output_chunks: PositiveTriple = Field((64, 64, 64), description="Beyond the design. Chunk shape of the output array.")
     output_dtype: Literal["uint8", "float16", "float32"] = Field("uint8", description="Beyond the design. `uint8` stores probability*255.")
     output_res: Literal["target", "original"] = Field("target", description="Beyond the design. `original` resamples the output back to the input grid.")
     device: Device = Field("auto", description="Beyond the design. `auto` picks CUDA when available.")
     tta: Literal["none", "flips"] = Field("none", description="Beyond the design. Test-time augmentation: average over in-plane flips.")
-    amp: bool = Field(True, description="Beyond the design. bf16 autocast on CUDA (no effect on CPU).")
+    amp: bool = Field(True, description="Beyond the design. With `precision: auto`: bf16 autocast on CUDA (fp16 on GPUs without bf16); no effect on CPU. Leave it unset when `precision` is given.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Beyond the design. Arithmetic of the model's forward pass: `auto` follows `amp`; `bf16`/`fp16` autocast on any device, CPU included (`bf16` falls back to `fp16` on a GPU without bf16). Part of the run identity.")
+    channels_last: bool = Field(False, description="Beyond the design. Model and input in `torch.channels_last_3d` memory format (often faster 3-D convolutions on GPUs). Part of the run identity (it may change float rounding).")
+    compile: bool = Field(False, description="Beyond the design. `torch.compile` the model once per process (slow start; faster GPU forward passes). Part of the run identity (it may change float rounding).")
+    window_sharing: Literal["exchange", "recompute"] = Field("exchange", description="Beyond the design. `exchange`: each window of the whole-volume grid is computed once, by the block holding its start, and its overlap into the next blocks is summed in a second phase (`blend`; exact integer sums). `recompute`: each block runs every window touching it (one phase; float blend; up to ~3x the windows). `output_res: original` with resampling always uses `recompute`.")
     model_type: ModelType | None = Field(None, description="Optional; must match the checkpoint when given.")
     pyramid_levels: int = Field(0, ge=0, le=16, description="Beyond the design. Coarser resolution levels to build after the prediction completes (each halves the finest axes; see docs/viewing.md); 0: none.")
 
@@ -211,10 +215,14 @@ class PredictConfig(JobConfig, _PatchFields):
     def _block_multiple_of_chunks(self):
         from catena_mito.blockwise.geometry import check_chunk_alignment
 
-        try:
-            check_chunk_alignment(self.block_shape, self.output_chunks)
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
+        if self.block_shape is not None:
+            try:
+                check_chunk_alignment(self.block_shape, self.output_chunks)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        if self.precision != "auto" and "amp" in self.model_fields_set:
+            raise ValueError(f"amp and precision {self.precision!r} are both set; amp only chooses "
+                             "the precision under `precision: auto`, so remove one of them")
         return self
 
     @field_validator("block_shape", "output_chunks", mode="before")

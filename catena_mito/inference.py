@@ -146,15 +146,33 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def precision_name(device: str, amp: bool) -> str:
-    """The arithmetic a :class:`ModelRunner` with these settings uses: ``fp32`` or ``bf16``.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-    Part of a prediction's run identity: bf16 changes values beyond rounding, so shards
-    in other precisions never mix in one output. Across devices in the same precision
-    (CPU vs GPU, thread counts) results agree to float32 rounding, which can flip a
-    stored uint8 by 1 where ``p * 255`` sits at a rounding boundary.
+
+def precision_name(device: str, amp: bool, precision: str = "auto") -> str:
+    """The arithmetic a :class:`ModelRunner` with these settings uses: ``fp32``, ``bf16`` or
+    ``fp16`` (autocast of the model's forward pass; probabilities and blending stay fp32).
+
+    ``auto``: with ``amp`` on a CUDA device bf16, or fp16 where the GPU has no bf16 (before
+    Ampere); fp32 otherwise (CPU bf16 is slow on most CPUs). ``bf16``/``fp16``: on any
+    device, CPU included (bf16 falls back to fp16 on a GPU without bf16).
+
+    Part of a prediction's run identity: reduced precision changes values beyond rounding,
+    so shards in other precisions never mix in one output. Across devices in the same
+    precision (CPU vs GPU, thread counts) results agree to float32 rounding, which can flip
+    a stored uint8 by 1 where ``p * 255`` sits at a rounding boundary.
     """
-    return "bf16" if amp and resolve_device(device).startswith("cuda") else "fp32"
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = resolve_device(device)
+    cuda = device.startswith("cuda")
+    if precision == "auto":
+        precision = "bf16" if amp and cuda else "fp32"
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        precision = "fp16"
+    return precision
 
 
 class ModelRunner:
@@ -166,9 +184,16 @@ class ModelRunner:
     one) so a window's result does not depend on its batch, and returns the probabilities
     of ``targets`` (:func:`catena_mito.targets.probabilities`) as float32 ``(N, T, …)``.
 
-    ``amp``: bf16 autocast on CUDA; on CPU it has no effect (CPU bf16 is slow on most
-    hardware and would change results). ``tta="flips"``: the mean over the identity and
-    the in-plane flips y, x and yx, in that fixed order.
+    Everything after the host's input batch runs on the model's device: the forward pass,
+    softmax/sigmoid, TTA and (:meth:`accumulate`) the weighted sums of a whole block, which
+    come back to the host in one copy. On CUDA the input goes through pinned host memory
+    (an asynchronous copy).
+
+    ``precision``/``amp``: see :func:`precision_name`. ``tta="flips"``: the mean over the
+    identity and the in-plane flips y, x and yx, in that fixed order. ``channels_last``:
+    the model and its input in ``torch.channels_last_3d`` memory format (often faster for
+    3-D convolutions on GPUs). ``compile``: ``torch.compile`` the model (a slow first batch,
+    then faster on GPUs; fixed shapes, since every batch is full).
     """
 
     def __init__(
@@ -179,6 +204,9 @@ class ModelRunner:
         amp: bool = False,
         tta: str = "none",
         targets: Sequence[str] = DEFAULT_TARGETS,
+        precision: str = "auto",
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         import torch
 
@@ -187,22 +215,35 @@ class ModelRunner:
         if tta not in TTA_MODES:
             raise ConfigError(f"tta: expected one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.device = resolve_device(device)
+        self.precision = precision_name(self.device, amp, precision)
+        self.channels_last = bool(channels_last)
         if isinstance(model, torch.nn.Module):
             model = model.to(self.device).eval()
+            if self.channels_last:
+                model = model.to(memory_format=torch.channels_last_3d)
+        if compile:
+            model = torch.compile(model, dynamic=False)
         self.model = model
         self.batch_size = int(batch_size)
-        self.amp = bool(amp) and self.device.startswith("cuda")
         self.tta = tta
         self.targets = validate_targets(targets)
+        self.pin = self.device.startswith("cuda")
         self.forward_calls = 0
         self.windows_run = 0
+
+    @property
+    def amp(self) -> bool:
+        return self.precision != "fp32"
 
     def _logits(self, x: Any) -> Any:
         import torch
 
         self.forward_calls += 1
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         if self.amp:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            with torch.autocast(self.device.split(":")[0], dtype=dtype):
                 logits = self.model(x)
         else:
             logits = self.model(x)
@@ -211,31 +252,52 @@ class ModelRunner:
                 f"the model returned shape {list(logits.shape)} for input {list(x.shape)}; "
                 "expected (N, C, z, y, x) with the input's N and spatial shape"
             )
-        return logits.float()
+        return logits.float().contiguous()
 
-    def _probability(self, logits: Any) -> np.ndarray:
-        """Per-target probabilities (T, z, y, x) of ONE window's logits (C, z, y, x).
+    def _probabilities(self, logits: Any, real: int) -> list[Any]:
+        """Per-target probabilities (T, z, y, x) of each of the first ``real`` windows of a
+        batch's logits, on the device.
 
-        Done window by window on a fresh contiguous tensor: PyTorch's vectorised
-        transcendental kernels (exp in softmax/sigmoid) split a tensor into SIMD lanes and
-        thread chunks by flat position, so the same voxel could be rounded differently at
-        another batch position. Add/multiply/divide are exactly rounded either way.
+        On CPU window by window, on a fresh contiguous tensor: PyTorch's vectorised CPU
+        kernels for exp (softmax/sigmoid) split a tensor into SIMD lanes and thread chunks
+        by flat position, so a voxel could round differently at another batch position.
+        CUDA kernels compute each element alike wherever it sits, so there the batch goes
+        in one call. Add/multiply/divide are exactly rounded either way.
         """
+        import torch
+
         from catena_mito.targets import probabilities
 
-        one = logits.contiguous()[None]
-        return probabilities(one, self.targets)[0].cpu().numpy()
+        if self.device.startswith("cuda"):
+            return list(torch.unbind(probabilities(logits[:real], self.targets)))
+        return [probabilities(logits[i : i + 1].contiguous(), self.targets)[0] for i in range(real)]
 
-    def _predict_batch(self, x: Any, real: int) -> list[np.ndarray]:
-        logits = self._logits(x)
-        probs = [self._probability(logits[i]) for i in range(real)]
+    def _batch_probabilities(self, x: Any, real: int) -> list[Any]:
+        probs = self._probabilities(self._logits(x), real)
         if self.tta == "none":
             return probs
         for dims in ((3,), (4,), (3, 4)):  # in-plane flips y, x, yx of (N, 1, z, y, x)
             back = self._logits(x.flip(dims)).flip(dims)
-            for i in range(real):
-                probs[i] = probs[i] + self._probability(back[i])
-        return [p / np.float32(4.0) for p in probs]
+            probs = [p + q for p, q in zip(probs, self._probabilities(back, real))]
+        return [p / 4.0 for p in probs]
+
+    def _batches(self, windows: Callable[[int, int], np.ndarray], n: int) -> Iterator[tuple[int, list[Any]]]:
+        """``(first, [probabilities of each real window, on the device])`` per full batch of the ``n`` windows
+        ``windows(start, stop) -> (k, pz, py, px)`` (host float32)."""
+        import torch
+
+        for start in range(0, n, self.batch_size):
+            signals.raise_if_requested("in the middle of a block, which is abandoned")
+            batch = windows(start, min(n, start + self.batch_size))
+            real = len(batch)
+            if real < self.batch_size:  # pad: the batch size must never vary
+                batch = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - real, axis=0)], axis=0)
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None]
+            if self.pin:
+                x = x.pin_memory()
+            x = x.to(self.device, non_blocking=True)
+            yield start, self._batch_probabilities(x, real)
+            self.windows_run += real
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         """Probabilities (N, T, pz, py, px) float32 of windows (N, pz, py, px) float32."""
@@ -244,18 +306,36 @@ class ModelRunner:
         n = len(windows)
         out = np.empty((n, len(self.targets), *windows.shape[1:]), dtype=np.float32)
         with torch.inference_mode():
-            for start in range(0, n, self.batch_size):
-                batch = windows[start : start + self.batch_size]
-                real = len(batch)
-                if real < self.batch_size:  # pad: the batch size must never vary
-                    pad = np.repeat(batch[-1:], self.batch_size - real, axis=0)
-                    batch = np.concatenate([batch, pad], axis=0)
-                x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None]
-                x = x.to(self.device, non_blocking=True)
-                for i, p in enumerate(self._predict_batch(x, real)):
-                    out[start + i] = p
-                self.windows_run += real
+            for start, probs in self._batches(lambda a, b: windows[a:b], n):
+                for i, p in enumerate(probs):
+                    out[start + i] = p.cpu().numpy()
         return out
+
+    def accumulate(self, data: np.ndarray, read_roi: Roi, windows: Sequence[Roi], extent: Roi,
+                   weights: np.ndarray, bits: int) -> np.ndarray:
+        """``Σ_w weights · round(p_w · 2^bits)`` over ``windows`` (int64 ``(T, *extent.shape)``).
+
+        ``data`` is the preprocessed ``read_roi``, which contains every window; each window
+        lies inside ``extent``. The sums stay on the device; one copy to the host at the end.
+        Integer sums do not depend on the order or grouping of the windows (see
+        :mod:`catena_mito.exchange`).
+        """
+        import torch
+
+        acc = torch.zeros((len(self.targets), *extent.shape), dtype=torch.int64, device=self.device)
+        w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.int64)).to(self.device)
+        scale = float(2**bits)
+
+        def host(a: int, b: int) -> np.ndarray:
+            return np.stack([data[win.to_slices(read_roi)] for win in windows[a:b]])
+
+        with torch.inference_mode():
+            for start, probs in self._batches(host, len(windows)):
+                for i, p in enumerate(probs):
+                    # p * 2^bits is exact in float32; rint to an integer, then exact int64 products
+                    fixed = torch.round(p * scale).to(torch.int64).mul_(w)
+                    acc[(slice(None), *windows[start + i].to_slices(extent))] += fixed
+        return acc.cpu().numpy()
 
 
 # --- blending -------------------------------------------------------------------------------

@@ -1,8 +1,28 @@
 """``catena-mito predict``: block-wise sliding-window inference, shardable and resumable.
 
 For every input dataset (``test_zarr_dirs``), the output volume is cut into blocks of
-``block_shape`` (voxels of the *output* grid, z, y, x); this process computes the blocks
-of its shard. Per block::
+``block_shape`` (voxels of the *output* grid, z, y, x; default :func:`default_block_shape`);
+this process computes the blocks of its shard.
+
+``window_sharing: exchange`` (the default; see :mod:`catena_mito.exchange`): every window
+of the whole-volume grid runs once, in the block that holds its start. Two phases, each
+through the block runner, shards owning contiguous runs of blocks::
+
+    windows  read + preprocess the union of the block's own windows → model, softmax/
+             sigmoid, TTA, fixed-point weighted sums on the model's device → one copy
+             back → 8 pieces (core + spill into the next blocks) → files → done marker
+    predict  (the blend) the pieces landing on the block → ÷ weight sum → encode
+             (uint8 = round(p·255) | float16 | float32) → write the block → done marker
+
+The blend of a block needs its lower neighbours' windows (the same or a lower shard):
+``--phase all`` waits ``wait_timeout`` seconds for a missing one, then computes that
+overlap itself (the same integers); ``--phase blend`` fails instead. The pieces are
+removed when the run completes. Integer sums make the output bitwise identical for any
+``block_shape``, batch grouping and number of shards, and equal to
+:func:`catena_mito.exchange.whole_volume_predict` on the whole preprocessed volume.
+
+``window_sharing: recompute`` (and ``output_res: original`` with resampling, which it
+alone serves), one phase::
 
     output block (write region, whole output chunks)
       │ output_res=original: the model-grid voxels its linear interpolation needs
@@ -11,19 +31,19 @@ of its shard. Per block::
       │                        (their union = the region read and preprocessed:
       │                         normalise/CLAHE on the input grid, resample to target_res)
       ▼
-    Gaussian-weighted blend of those windows over R  (float64, global window order)
+    Gaussian-weighted blend of those windows over R  (float32, global window order)
       │ output_res=original: resample R back to the input grid (global formula)
       ▼
-    encode (uint8 = round(p·255) | float16 | float32) → write the block → done marker
+    encode → write the block → done marker
+
+Every step computes a voxel from the same inputs in the same order whichever block asks
+(see :mod:`catena_mito.inference` and :mod:`catena_mito.preprocess`), so that output too
+is bitwise identical for any ``block_shape`` and any number of shards, and equal to
+:func:`catena_mito.inference.sliding_window_predict` on the whole preprocessed volume.
 
 A model predicts one or more *targets* (:mod:`catena_mito.targets`): one block computes all
 of them at once (the same windows, one forward pass each) and writes each target's chunk
 of its own array, so one writer per chunk still holds.
-
-Every step computes a voxel from the same inputs in the same order whichever block asks
-(see :mod:`catena_mito.inference` and :mod:`catena_mito.preprocess`), so the output is
-bitwise identical for any ``block_shape`` and any number of shards, and equal to
-:func:`catena_mito.inference.sliding_window_predict` on the whole preprocessed volume.
 
 Outputs (Zarr):
 
@@ -57,6 +77,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -65,6 +86,7 @@ from typing import Any
 import numpy as np
 
 from catena_mito import storage
+from catena_mito.blockwise import signals
 from catena_mito.blockwise.geometry import Block, BlockGrid, Coord, Roi, check_shard, select_shard
 from catena_mito.blockwise.identity import RUN_ATTR
 from catena_mito.blockwise.runner import BlockSteps, PhaseResult, run_phase
@@ -76,7 +98,15 @@ from catena_mito.blockwise.runs import (
     describe_inputs,
 )
 from catena_mito.config import PredictConfig, save_resolved_config
-from catena_mito.errors import CheckpointError, ConfigError, DataError, RunMismatchError
+from catena_mito.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    PhaseError,
+    RunMismatchError,
+    StorageError,
+)
+from catena_mito.exchange import Exchange, PieceStore
 from catena_mito.preprocess import GridMap, Preprocessor, normalize
 from catena_mito.targets import FOREGROUND, TARGET_ATTR, prediction_url
 
@@ -89,7 +119,16 @@ MARKER_TASK = "predict"
 RECORD_DIR = ".catena/predict"
 #: Bumped whenever a change in this module or in inference/preprocess changes the values
 #: predict writes, so outputs of an older algorithm never pass as current.
-ALGORITHM_VERSION = 2  # 2: anti-aliased down-sampling (preprocess.GridMap)
+ALGORITHM_VERSION = 3  # 2: anti-aliased down-sampling (preprocess.GridMap); 3: windows computed once, fixed-point blend
+#: ``window_sharing: exchange``: the phase that runs each block's own windows; the output
+#: blocks are then written by the phase named :data:`MARKER_TASK` (the blend).
+WINDOWS_PHASE = "windows"
+#: ``--phase`` values: both phases in one process, or one of them.
+PHASES = ("all", "windows", "blend")
+#: ``--phase all`` of several shards: seconds a blend waits for the windows of a lower shard
+#: before it computes the missing overlap itself (exact either way). The library call never
+#: waits by default; the CLI waits 600 s, for shards started together as pods or array tasks.
+DEFAULT_WAIT_SECONDS = 0.0
 #: The foreground array's attribute listing every target its run wrote.
 TARGETS_ATTR = "catena_targets"
 
@@ -282,6 +321,12 @@ class _Job:
     offset: tuple[float, ...]
     original_res: tuple[float, ...]
     target_res: tuple[float, ...]
+    #: The ownership plan when windows are shared (``window_sharing: exchange``), else None.
+    exchange: Exchange | None = None
+
+    @property
+    def sharing(self) -> str:
+        return "recompute" if self.exchange is None else "exchange"
 
     @property
     def target_urls(self) -> dict[str, str]:
@@ -332,11 +377,22 @@ def _make_job(config: PredictConfig, settings: ModelSettings, input_url: str, ou
         wgrid = WindowGrid(pre.shape, settings.patch_size, settings.stride)
     except DataError as e:
         raise DataError(f"{storage.redact_url(raw_url)!r} (shape {list(raw.shape)} at {list(original_res)} nm): {e}") from None
+    resampled_back = config.output_res == "original" and tuple(original_res) != tuple(target_res)
     if config.output_res == "original":
         back = GridMap.between(pre.shape, target_res, original_res, dst_shape=raw.shape)
         out_shape, out_res = tuple(raw.shape), original_res
     else:
         back, out_shape, out_res = None, pre.shape, target_res
+    block_shape = config.block_shape or default_block_shape(settings.patch_size, settings.stride,
+                                                            config.output_chunks, out_shape)
+    block_grid = BlockGrid(out_shape, block_shape)
+    exchange = None
+    if config.window_sharing == "exchange" and not resampled_back and tuple(pre.shape) == tuple(out_shape):
+        back = None  # the model grid is the output grid
+        exchange = Exchange.of(wgrid, block_grid)
+    elif config.window_sharing == "exchange":
+        log.info("%s: output_res original resamples the output, so every block recomputes the windows "
+                 "that touch it (window_sharing recompute)", storage.redact_url(input_url))
     return _Job(
         input_url=input_url,
         output_url=output_url,
@@ -345,13 +401,31 @@ def _make_job(config: PredictConfig, settings: ModelSettings, input_url: str, ou
         raw_identity=array_identity(raw, raw_url, config.storage_options),
         preprocessor=pre,
         window_grid=wgrid,
-        block_grid=BlockGrid(out_shape, config.block_shape),
+        block_grid=block_grid,
         back=back,
         out_res=out_res,
         offset=raw_offset,
         original_res=original_res,
         target_res=target_res,
+        exchange=exchange,
     )
+
+
+def default_block_shape(patch: Coord, stride: Coord, chunks: Coord, volume_shape: Coord) -> Coord:
+    """Per axis the smallest multiple of lcm(chunk, stride) that is >= max(128, 2·patch),
+    capped at the volume rounded up to whole chunks (one block).
+
+    Why: a multiple of the chunk keeps one writer per chunk; a multiple of the stride gives
+    every block the same rows of windows and a spill of ``patch - stride`` into the next
+    block; at least twice the patch keeps that spill (stored and exchanged between blocks)
+    under the block's own size.
+    """
+    out = []
+    for p, s, c, v in zip(patch, stride, chunks, volume_shape):
+        unit = math.lcm(int(c), int(s))
+        want = -(-max(128, 2 * int(p)) // unit) * unit
+        out.append(min(want, -(-int(v) // int(c)) * int(c)))
+    return tuple(out)  # type: ignore[return-value]
 
 
 def _resolved(config: PredictConfig, settings: ModelSettings, job: _Job) -> PredictConfig:
@@ -363,6 +437,7 @@ def _resolved(config: PredictConfig, settings: ModelSettings, job: _Job) -> Pred
             "model_type": settings.model_type,
             "original_res": job.original_res,
             "target_res": job.target_res,
+            "block_shape": job.block_grid.block_shape,
         }
     )
 
@@ -385,12 +460,15 @@ def run_spec(config: PredictConfig, settings: ModelSettings, job: _Job, model_id
             "patch_size": list(settings.patch_size), "stride": list(settings.stride), "clahe": settings.clahe,
             "tta": config.tta, "original_res": list(job.original_res), "target_res": list(job.target_res),
             "output_res": config.output_res, "output_dtype": config.output_dtype, "precision": precision,
-            "targets": list(settings.targets),
+            "targets": list(settings.targets), "window_sharing": job.sharing,
+            "channels_last": config.channels_last, "compile": config.compile,
         },
         "plan": {"shape": list(job.block_grid.volume_shape), "block_shape": list(job.block_grid.block_shape),
                  "output_chunks": list(config.output_chunks)},
     }
-    return RunSpec(MARKER_TASK, description, ((MARKER_TASK, job.block_grid.num_blocks),))
+    n = job.block_grid.num_blocks
+    phases = ((WINDOWS_PHASE, n), (MARKER_TASK, n)) if job.exchange is not None else ((MARKER_TASK, n),)
+    return RunSpec(MARKER_TASK, description, phases)
 
 
 def record_url(output_url: str) -> str:
@@ -456,22 +534,124 @@ def _steps(job: _Job, runner: Any, config: PredictConfig, write: Callable[[Block
     )
 
 
-def _predict_zarr(config: PredictConfig, settings: ModelSettings, runner: Any, job: _Job, spec: RunSpec,
-                  shard_index: int, num_shards: int, overwrite: bool) -> dict[str, Any]:
+class _WindowsDone:
+    """Which blocks' windows phase is done: a cache of the markers, listed again only when a
+    block asks for one not seen done yet (one listing a second at most while waiting)."""
+
+    def __init__(self, markers: Any):
+        self.markers = markers
+        self.done: set[int] = set()
+        self.lock = threading.Lock()
+
+    def missing(self, indices: set[int], timeout: float) -> set[int]:
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            with self.lock:
+                need = indices - self.done
+                if need:
+                    self.done |= self.markers.done_indices()
+                    need = indices - self.done
+            if not need or time.monotonic() >= deadline:
+                return need
+            signals.raise_if_requested("while waiting for the windows of other shards")
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def _exchange_steps(job: _Job, runner: Any, config: PredictConfig, pieces: PieceStore,
+                    write: Callable[[Block, np.ndarray], None], done: _WindowsDone | None,
+                    wait_timeout: float, compute_missing: bool) -> tuple[BlockSteps, BlockSteps]:
+    """The steps of the windows phase and of the blend (see :mod:`catena_mito.exchange`).
+
+    The blend of a block needs the pieces of its lower neighbours (same or lower shard, by
+    the contiguous assignment). One not done after ``wait_timeout`` seconds is, with
+    ``compute_missing``, computed here from the same windows (exact: the same integers),
+    else a :class:`PhaseError`."""
+    ex = job.exchange
+    assert ex is not None
+
+    def prepared(block: Block, within: Roi | None = None) -> tuple[list[Roi], Roi | None, np.ndarray | None]:
+        wins = ex.owned_windows(block, within)
+        roi = ex.read_roi(wins)
+        return wins, roi, (job.preprocessor(roi) if roi is not None else None)
+
+    def write_pieces(block: Block, parts: Mapping[Any, np.ndarray]) -> dict[str, Any]:
+        pieces.put(block.index, parts)
+        return {"pieces": len(parts)}
+
+    windows = BlockSteps(
+        read=prepared,
+        compute=lambda b, data: ex.partial(runner, b, data[2], data[1], data[0]),
+        write=write_pieces,
+    )
+
+    def read_blend(block: Block) -> tuple[list, list]:
+        sources = ex.sources(block)
+        missing = done.missing({src.index for src, _ in sources}, wait_timeout) if done is not None else set()
+        got: list = []
+        todo: list = []
+        for src, kind in sources:
+            problem = f"the windows phase of block {src.index} is not done" if src.index in missing else None
+            if problem is None:
+                try:
+                    got.append((kind, pieces.get(src.index, kind)))
+                    continue
+                except StorageError as e:
+                    problem = f"its pieces cannot be read ({e})"
+            if not compute_missing:
+                waited = f" after {wait_timeout:g} s" if wait_timeout > 0 else ""
+                raise PhaseError(
+                    f"predict blend of block {block.index} at {storage.redact_url(job.output_url)!r}: {problem}"
+                    f"{waited}; run `catena-mito predict --phase windows` for every shard first "
+                    "(--overwrite if its pieces were removed), or give --wait-timeout")
+            todo.append((kind, src, *prepared(src, within=block.write_roi)))
+        return got, todo
+
+    def compute_blend(block: Block, data: tuple[list, list]) -> np.ndarray:
+        got, todo = data
+        if todo:
+            log.info("blend of block %d: computing the overlap of %d neighbour block(s) here (%s)", block.index,
+                     len(todo), "not done by their shards yet" if done is not None else "missing")
+        for kind, src, wins, roi, x in todo:
+            got.append((kind, ex.partial(runner, src, x, roi, wins)[kind]))
+        return encode(ex.blend(block, got), config.output_dtype)
+
+    def write_output(block: Block, values: np.ndarray) -> dict[str, Any]:
+        write(block, values)
+        return {"write_offset": list(block.write_roi.offset), "write_shape": list(block.write_roi.shape)}
+
+    return windows, BlockSteps(read=read_blend, compute=compute_blend, write=write_output)
+
+
+def _open_outputs(config: PredictConfig, job: _Job, spec: RunSpec, store: RunStore, phase: str,
+                  overwrite: bool) -> list[Any]:
+    """The output arrays (one per target), created or checked; claims the run in its first phase."""
     opts = config.storage_options
-    store = run_store(job.output_url, opts)
     claim = store.read_claim()
-    if claim is not None and claim.get("run_id") != spec.run_id and not overwrite:
-        raise RunMismatchError(store.mismatch_message(claim, spec))  # before anything is written
+    first = phase != "blend"
+    if claim is not None and claim.get("run_id") != spec.run_id and not (overwrite and first):
+        raise RunMismatchError(store.mismatch_message(  # before anything is written
+            claim, spec, "" if first else "run --phase windows (or all) of this config first"))
+    if not first:
+        if claim is None:
+            raise PhaseError(f"{store.shown} has no run recorded; run `catena-mito predict --phase windows` first")
+        return [storage.open_array(url, opts, mode="r+") for url in job.target_urls.values()]
     existed = storage.array_exists(job.output_url, opts)
     # The other targets first: the foreground array (with the record) is the run's face.
     arrays = {t: _open_output(config, job, url, _output_attrs(config, job, spec, t), overwrite)
               for t, url in reversed(job.target_urls.items())}
-    arrays = [arrays[t] for t in job.targets]
     if not existed and claim is not None:
         # The array was deleted but its records were not (object stores): nothing is done.
         storage.remove(store.url("runs"), opts)
     store.claim(spec, overwrite=overwrite)
+    return [arrays[t] for t in job.targets]
+
+
+def _predict_zarr(config: PredictConfig, settings: ModelSettings, runner: Any, job: _Job, spec: RunSpec,
+                  shard_index: int, num_shards: int, overwrite: bool, phase: str = "all",
+                  wait_timeout: float = DEFAULT_WAIT_SECONDS) -> dict[str, Any]:
+    opts = config.storage_options
+    store = run_store(job.output_url, opts)
+    arrays = _open_outputs(config, job, spec, store, phase, overwrite)
     save_resolved_config(_resolved(config, settings, job), store.url("config.yaml"), opts)
 
     def write(block: Block, values: np.ndarray) -> None:
@@ -479,13 +659,33 @@ def _predict_zarr(config: PredictConfig, settings: ModelSettings, runner: Any, j
             arr[block.write_roi.to_slices()] = target_values
 
     windows_before = getattr(runner, "windows_run", 0)
-    result = run_phase(store, spec, MARKER_TASK, job.block_grid.blocks(), _steps(job, runner, config, write),
-                       shard_index=shard_index, num_shards=num_shards, overwrite=overwrite,
-                       threads=max(1, config.num_workers), desc=f"predict shard {shard_index}/{num_shards}")
-    return _summary(job, result, getattr(runner, "windows_run", 0) - windows_before, spec)
+    common = {"shard_index": shard_index, "num_shards": num_shards, "overwrite": overwrite,
+              "threads": max(1, config.num_workers)}
+    blocks = job.block_grid.blocks()
+    if job.exchange is None:
+        result = run_phase(store, spec, MARKER_TASK, blocks, _steps(job, runner, config, write),
+                           desc=f"predict shard {shard_index}/{num_shards}", **common)
+        return _summary(job, result, getattr(runner, "windows_run", 0) - windows_before, spec)
+    pieces = PieceStore(store.run_url(spec.run_id, WINDOWS_PHASE, "pieces"), opts)
+    done = _WindowsDone(store.markers(spec.run_id, WINDOWS_PHASE))
+    windows_steps, blend_steps = _exchange_steps(job, runner, config, pieces, write, done, wait_timeout,
+                                                 compute_missing=phase == "all")
+    results = []
+    if phase in ("all", "windows"):
+        results.append(run_phase(store, spec, WINDOWS_PHASE, blocks, windows_steps, assignment="contiguous",
+                                 desc=f"predict windows shard {shard_index}/{num_shards}", **common))
+    if phase in ("all", "blend"):
+        results.append(run_phase(store, spec, MARKER_TASK, blocks, blend_steps, assignment="contiguous",
+                                 desc=f"predict shard {shard_index}/{num_shards}", **common))
+        if store.read_complete(spec.run_id) is not None:
+            pieces.remove()  # every block is blended: the intermediate sums are no longer needed
+    return _summary(job, results[-1], getattr(runner, "windows_run", 0) - windows_before, spec, results)
 
 
-def _summary(job: _Job, result: PhaseResult, windows: int, spec: RunSpec | None) -> dict[str, Any]:
+def _summary(job: _Job, result: PhaseResult, windows: int, spec: RunSpec | None,
+             phases: list[PhaseResult] | None = None) -> dict[str, Any]:
+    """The summary of one output; the block counts are those of the phase that writes the
+    output (the windows phase's when only it ran); ``phases`` has each phase run."""
     return {
         "input": storage.redact_url(job.input_url),
         "output": storage.redact_url(job.output_url),
@@ -498,6 +698,8 @@ def _summary(job: _Job, result: PhaseResult, windows: int, spec: RunSpec | None)
         "blocks_computed": result.blocks_computed,
         "blocks_skipped": result.blocks_skipped,
         "windows_run": windows,
+        "phases": {r.phase: {"blocks_computed": r.blocks_computed, "blocks_skipped": r.blocks_skipped}
+                   for r in (phases or [result])},
     }
 
 
@@ -530,8 +732,16 @@ def _predict_tiff(config: PredictConfig, settings: ModelSettings, runner: Any, j
         out[(slice(None), *block.write_roi.to_slices())] = values
 
     windows_before = getattr(runner, "windows_run", 0)
-    result = run_phase(None, None, MARKER_TASK, job.block_grid.blocks(), _steps(job, runner, config, write),
-                       threads=max(1, config.num_workers), desc="predict (tiff)")
+    threads = max(1, config.num_workers)
+    blocks = job.block_grid.blocks()
+    if job.exchange is None:
+        result = run_phase(None, None, MARKER_TASK, blocks, _steps(job, runner, config, write),
+                           threads=threads, desc="predict (tiff)")
+    else:  # both phases here, the pieces in memory
+        windows_steps, blend_steps = _exchange_steps(job, runner, config, PieceStore(None), write, None, 0.0,
+                                                     compute_missing=False)
+        run_phase(None, None, WINDOWS_PHASE, blocks, windows_steps, threads=threads, desc="predict windows (tiff)")
+        result = run_phase(None, None, MARKER_TASK, blocks, blend_steps, threads=threads, desc="predict (tiff)")
     for target_values, url in zip(out, job.target_urls.values()):
         storage.write_tiff(url, target_values, job.out_res, job.offset, config.storage_options)
     save_resolved_config(_resolved(config, settings, job), job.output_url + ".config.yaml", config.storage_options)
@@ -561,13 +771,18 @@ def _checkpoint_bytes(url: str, storage_options: Mapping[str, Any]) -> bytes:
 
 
 def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, overwrite: bool = False,
-            *, dry_run: bool = False) -> dict:
+            *, dry_run: bool = False, phase: str = "all", wait_timeout: float = DEFAULT_WAIT_SECONDS) -> dict:
     """Run shard ``shard_index`` of ``num_shards`` of a prediction job; return a summary.
 
     The summary: ``{"shard_index", "num_shards", "seconds", "outputs": [per input: input,
     output, run_id, shape, resolution, blocks_total, blocks_in_shard, blocks_computed,
     blocks_skipped, windows_run]}``. ``dry_run``: plan only (see :func:`plan_summary`),
     nothing is written; the summary is ``{"dry_run": True, "outputs": [plans]}``.
+
+    ``phase`` (``window_sharing: exchange``): ``all`` runs this shard's windows, then its
+    blend; a blend whose lower neighbours' windows are not done after ``wait_timeout``
+    seconds computes that overlap itself. ``windows`` / ``blend`` run one phase; the blend
+    then waits up to ``wait_timeout`` seconds and fails (PhaseError) if they never come.
 
     Raises:
         ShardError/ConfigError: bad shard, TIFF with several shards or too large, patch
@@ -583,6 +798,8 @@ def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, ov
 
     start = time.perf_counter()
     check_shard(shard_index, num_shards)
+    if phase not in PHASES:
+        raise ConfigError(f"phase: expected one of {', '.join(PHASES)}, got {phase!r}")
     if config.output_format == "tiff" and num_shards != 1:
         raise ConfigError(
             f"output_format 'tiff' is a single-process gather; num_shards must be 1, got {num_shards} "
@@ -595,7 +812,13 @@ def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, ov
                                          settings.model_type)
     # Plan every input before any work: a bad input is reported before outputs are touched.
     jobs = [_make_job(config, settings, inp, out) for inp, out in zip(config.test_zarr_dirs, urls)]
-    precision = precision_name(config.device, config.amp)
+    if phase != "all" and any(job.exchange is None for job in jobs):
+        raise ConfigError(f"--phase {phase}: only window_sharing 'exchange' has phases, and this job "
+                          "recomputes windows (window_sharing recompute, or output_res original with "
+                          "resampling); use --phase all")
+    if phase != "all" and config.output_format == "tiff":
+        raise ConfigError(f"--phase {phase}: output_format 'tiff' runs both phases in one process; use --phase all")
+    precision = precision_name(config.device, config.amp, config.precision)
     specs = [run_spec(config, settings, job, model_identity, precision) for job in jobs]
     if dry_run:
         plans = [plan_summary(config, settings, job, spec, shard_index, num_shards) for job, spec in zip(jobs, specs)]
@@ -604,13 +827,15 @@ def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, ov
     model = build_predict_model(ckpt)
     del ckpt
     runner = ModelRunner(model, batch_size=config.batch_size, device=config.device, amp=config.amp, tta=config.tta,
-                         targets=settings.targets)
+                         targets=settings.targets, precision=config.precision,
+                         channels_last=config.channels_last, compile=config.compile)
     results = []
     for job, spec in zip(jobs, specs):
         if config.output_format == "tiff":
             results.append(_predict_tiff(config, settings, runner, job))
         else:
-            results.append(_predict_zarr(config, settings, runner, job, spec, shard_index, num_shards, overwrite))
+            results.append(_predict_zarr(config, settings, runner, job, spec, shard_index, num_shards, overwrite,
+                                         phase, wait_timeout))
             if config.pyramid_levels:  # the shard that completes the output builds its levels
                 from catena_mito.pyramid import build_after
 
@@ -634,16 +859,25 @@ def plan_summary(config: PredictConfig, settings: ModelSettings, job: _Job, spec
     """What a run would do, without doing it: volume, blocks, windows, memory, output size,
     and what the output holds now (read only)."""
     blocks = job.block_grid.blocks()
-    mine = select_shard(blocks, shard_index, num_shards)
-    per_block = [len(job.window_grid.windows(job.model_region(b))) for b in blocks]
-    read_voxels = max(job.read_region(b).size for b in blocks)
+    ex = job.exchange
+    assignment = "round_robin" if ex is None else "contiguous"
+    mine = select_shard(blocks, shard_index, num_shards, assignment)
     write_voxels = max(b.write_roi.size for b in blocks)
     patch = math.prod(settings.patch_size)
     ahead = max(1, config.num_workers) + 1
-    # float32: blocks read ahead + the one computing, its blend (num, den) and the output
-    # being encoded, a batch of windows in and out (x4 with flips TTA); plus the model.
-    peak = 4 * (read_voxels * (ahead + 1) + 3 * write_voxels
-                + 2 * config.batch_size * patch * (4 if config.tta == "flips" else 1))
+    n_targets = len(job.targets)
+    if ex is None:  # every window that touches a block
+        per_block = [len(job.window_grid.windows(job.model_region(b))) for b in blocks]
+        read_voxels = max(job.read_region(b).size for b in blocks)
+        sums = 4 * (1 + n_targets) * write_voxels  # float32 num (per target) and den
+    else:  # the windows each block owns
+        per_block = [len(ex.owned_windows(b)) for b in blocks]
+        read_voxels = max((r.size for b in blocks if (r := ex.read_roi(ex.owned_windows(b))) is not None), default=0)
+        sums = 8 * n_targets * max(ex.extent(b).size for b in blocks)  # int64 sums of core + halo
+    # blocks read ahead + the one computing (float32), the block's sums and its encoded output,
+    # a batch of windows in and out (x4 with flips TTA); plus the model.
+    peak = (4 * read_voxels * (ahead + 1) + sums + n_targets * write_voxels
+            + 4 * config.batch_size * patch * (1 + n_targets) * (4 if config.tta == "flips" else 1))
     itemsize = np.dtype(config.output_dtype).itemsize
     plan = {
         "input": storage.redact_url(job.input_url),
@@ -656,7 +890,8 @@ def plan_summary(config: PredictConfig, settings: ModelSettings, job: _Job, spec
         "model_grid_shape": list(job.window_grid.volume_shape),
         "block_shape": list(job.block_grid.block_shape),
         "blocks_total": len(blocks),
-        "blocks_per_shard": [len(range(k, len(blocks), num_shards)) for k in range(num_shards)],
+        "blocks_per_shard": [len(select_shard(blocks, k, num_shards, assignment)) for k in range(num_shards)],
+        "window_sharing": job.sharing,
         "blocks_in_this_shard": len(mine),
         "windows_whole_volume": job.window_grid.num_windows,
         "windows_per_block_max": max(per_block),
@@ -694,7 +929,8 @@ def format_plan(plan: Mapping[str, Any]) -> str:
         f"; this shard {plan['blocks_in_this_shard']}",
         f"  windows     {plan['windows_all_blocks']} over all blocks ({plan['windows_per_block_max']} per block at most)"
         f", {plan['windows_whole_volume']} in one whole-volume pass"
-        f" ({plan['windows_all_blocks'] / max(1, plan['windows_whole_volume']):.2f}x); this shard {plan['windows_this_shard']}",
+        f" ({plan['windows_all_blocks'] / max(1, plan['windows_whole_volume']):.2f}x, window_sharing "
+        f"{plan['window_sharing']}); this shard {plan['windows_this_shard']}",
         f"  memory      about {format_bytes(plan['peak_memory_bytes_per_worker'])} of data buffers per worker, plus the model",
         f"  output now  {plan['output_state']}",
     ]

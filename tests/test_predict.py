@@ -16,7 +16,8 @@ from catena_mito import storage
 from catena_mito.checkpoint import make_payload, save_checkpoint
 from catena_mito.config import PredictConfig, config_from_dict
 from catena_mito.errors import CheckpointError, ConfigError, DataError
-from catena_mito.inference import sliding_window_predict
+from catena_mito.exchange import whole_volume_predict
+from catena_mito.inference import ModelRunner, sliding_window_predict
 from catena_mito.models import build_model
 from catena_mito.predict import output_urls, predict, run_store
 from catena_mito.preprocess import preprocess_volume, resample
@@ -82,11 +83,16 @@ def cfg(ckpt: str, inputs, **kw) -> PredictConfig:
 _REFERENCE: dict = {}
 
 
+def exchange_reference(model, vol, stride=(4, 8, 8), **runner):
+    """The whole-volume pass of window_sharing exchange (one block), all targets."""
+    return whole_volume_predict(ModelRunner(model, batch_size=2, **runner), vol, PATCH, stride)
+
+
 def reference(model, raw, stride=(4, 8, 8)):
-    """The whole-volume in-memory result (cached: the model and volumes are module-wide)."""
+    """The whole-volume in-memory foreground (cached: the model and volumes are module-wide)."""
     key = (id(model), raw.tobytes(), tuple(stride))
     if key not in _REFERENCE:
-        _REFERENCE[key] = sliding_window_predict(model, preprocess_volume(raw), PATCH, stride, batch_size=2)
+        _REFERENCE[key] = exchange_reference(model, preprocess_volume(raw), stride)[0]
     return _REFERENCE[key]
 
 
@@ -200,12 +206,12 @@ def test_resampled_prediction_blocks_equal_reference(tmp_path, model_and_ckpt, o
     np.testing.assert_array_equal(outs[0], outs[1])
     pre = preprocess_volume(raw, (8, 4, 4), (8, 8, 8))
     assert pre.shape == (18, 20, 22)
-    ref = sliding_window_predict(model, pre, PATCH, (4, 8, 8))
-    if output_res == "original":
-        ref = resample(ref, (8, 8, 8), (8, 4, 4), dst_shape=raw.shape)
+    if output_res == "original":  # resampled back: windows are recomputed per block (documented)
+        ref = resample(sliding_window_predict(model, pre, PATCH, (4, 8, 8)), (8, 8, 8), (8, 4, 4), dst_shape=raw.shape)
         assert outs[0].shape == raw.shape
         assert storage.open_array(output_urls(config)[0]).attrs["resolution"] == [8.0, 4.0, 4.0]
     else:
+        ref = exchange_reference(model, pre)[0]
         assert storage.open_array(output_urls(config)[0]).attrs["resolution"] == [8.0, 8.0, 8.0]
     np.testing.assert_array_equal(outs[0], ref)
 
@@ -215,7 +221,7 @@ def test_clahe_and_tta_blocks_equal_reference(tmp_path, model_and_ckpt, dataset)
     url, raw = dataset
     config = cfg(ckpt, [url], output_dir=str(tmp_path / "o"), clahe=True, tta="flips", num_workers=2)
     run_shards(config, 2)
-    ref = sliding_window_predict(model, preprocess_volume(raw, clahe=True), PATCH, (4, 8, 8), tta="flips")
+    ref = exchange_reference(model, preprocess_volume(raw, clahe=True), tta="flips")[0]
     np.testing.assert_array_equal(read_output(output_urls(config)[0]), ref)
 
 
@@ -418,7 +424,7 @@ def legacy_blend(model, vol, patch, stride, batch_size=2):
 def test_single_target_checkpoint_writes_exactly_the_previous_bytes(tmp_path, model_and_ckpt, dataset):
     model, ckpt = model_and_ckpt
     url, raw = dataset
-    config = cfg(ckpt, [url], output_dir=str(tmp_path / "o"), block_shape=[8, 16, 16])
+    config = cfg(ckpt, [url], output_dir=str(tmp_path / "o"), block_shape=[8, 16, 16], window_sharing="recompute")
     run_shards(config, 2)
     np.testing.assert_array_equal(read_output(output_urls(config)[0]), legacy_blend(model, preprocess_volume(raw), PATCH, (4, 8, 8)))
     assert not storage.array_exists(output_urls(config)[0] + "_contour")
@@ -443,7 +449,7 @@ def test_two_targets_each_written_beside_the_foreground_sharded_equal_whole(tmp_
 
     model, ckpt = two_target_ckpt
     url, raw = dataset
-    ref = sliding_window_predict(model, preprocess_volume(raw), PATCH, (4, 8, 8), targets=("foreground", "contour"))
+    ref = exchange_reference(model, preprocess_volume(raw), targets=("foreground", "contour"))
     assert ref.shape == (2, *raw.shape)
     for block, shards in [((8, 16, 16), 3), ((24, 48, 48), 1)]:
         config = cfg(ckpt, [url], output_dir=str(tmp_path / f"o{shards}"), block_shape=list(block))
@@ -463,3 +469,67 @@ def test_two_targets_each_written_beside_the_foreground_sharded_equal_whole(tmp_
         assert check_input(contour, fg_url + "_contour", "contour")["run_id"] == run["run_id"]
         claim = run_store(fg_url).read_claim()
         assert claim["description"]["settings"]["targets"] == ["foreground", "contour"]
+
+
+# --- window_sharing exchange: each window once, two phases ------------------------------------
+
+
+def test_each_window_runs_once_and_dry_run_counts_them(tmp_path, model_and_ckpt, dataset):
+    _, ckpt = model_and_ckpt
+    url, _ = dataset
+    config = cfg(ckpt, [url], output_dir=str(tmp_path / "o"), block_shape=[8, 16, 16])
+    plan = predict(config, shard_index=1, num_shards=3, dry_run=True)["outputs"][0]
+    assert plan["windows_all_blocks"] == plan["windows_whole_volume"] == 80
+    assert plan["window_sharing"] == "exchange" and sum(plan["blocks_per_shard"]) == plan["blocks_total"]
+    runs = [predict(config, shard_index=i, num_shards=3)["outputs"][0]["windows_run"] for i in range(3)]
+    assert sum(runs) == 80
+    recompute = predict(cfg(ckpt, [url], output_dir=str(tmp_path / "r"), block_shape=[8, 16, 16],
+                            window_sharing="recompute"), dry_run=True)["outputs"][0]
+    assert recompute["windows_all_blocks"] > 2 * 80  # what each-window-once saves here
+
+
+def test_phases_run_apart_blend_needs_windows_and_pieces_are_removed(tmp_path, model_and_ckpt, dataset):
+    from catena_mito.errors import PhaseError
+
+    model, ckpt = model_and_ckpt
+    url, raw = dataset
+    config = cfg(ckpt, [url], output_dir=str(tmp_path / "o"))
+    predict(config, shard_index=0, num_shards=2, phase="windows")
+    with pytest.raises(PhaseError, match="windows phase of block .* is not done"):
+        predict(config, shard_index=1, num_shards=2, phase="blend")
+    predict(config, shard_index=1, num_shards=2, phase="windows")
+    store = run_store(output_urls(config)[0])
+    spec_id = store.read_claim()["run_id"]
+    assert storage.exists(store.run_url(spec_id, "windows", "pieces"))
+    for i in (1, 0):  # any order once every block's windows are done
+        predict(config, shard_index=i, num_shards=2, phase="blend")
+    np.testing.assert_array_equal(read_output(output_urls(config)[0]), reference(model, raw))
+    assert store.read_complete(spec_id) is not None
+    assert not storage.exists(store.run_url(spec_id, "windows", "pieces"))
+
+
+def test_a_shard_ahead_of_lower_ones_computes_their_overlap_and_stays_exact(tmp_path, model_and_ckpt, dataset):
+    model, ckpt = model_and_ckpt
+    url, raw = dataset
+    config = cfg(ckpt, [url], output_dir=str(tmp_path / "o"), block_shape=[8, 16, 16])
+    last = predict(config, shard_index=2, num_shards=3)["outputs"][0]  # its lower neighbours never ran
+    assert last["blocks_computed"] == last["blocks_in_shard"]
+    runs = [last["windows_run"]] + [predict(config, shard_index=i, num_shards=3)["outputs"][0]["windows_run"]
+                                    for i in (0, 1)]
+    assert sum(runs) > 80  # the overlap computed twice, but
+    np.testing.assert_array_equal(read_output(output_urls(config)[0]), reference(model, raw))  # same bytes
+
+
+def test_bf16_and_channels_last_on_cpu_sharded_equal_single(tmp_path, model_and_ckpt, dataset):
+    _, ckpt = model_and_ckpt
+    url, _ = dataset
+    outs = []
+    for block, shards in [((8, 16, 16), 3), ((24, 48, 48), 1)]:
+        config = cfg(ckpt, [url], output_dir=str(tmp_path / f"o{shards}"), block_shape=list(block),
+                     precision="bf16", channels_last=True)
+        run_shards(config, shards)
+        outs.append(read_output(output_urls(config)[0]))
+        assert run_store(output_urls(config)[0]).read_claim()["description"]["settings"]["precision"] == "bf16"
+    np.testing.assert_array_equal(outs[0], outs[1])
+    with pytest.raises(ConfigError, match="amp and precision"):
+        cfg(ckpt, [url], precision="bf16", amp=False)

@@ -199,14 +199,33 @@ def check_chunk_alignment(
         )
 
 
-def select_shard(blocks: Sequence[Block], shard_index: int, num_shards: int) -> list[Block]:
-    """The blocks of shard ``shard_index`` of ``num_shards``: every ``num_shards``-th block.
+#: How blocks are dealt to shards (see :func:`select_shard`).
+ASSIGNMENTS = ("round_robin", "contiguous")
 
-    Round robin keeps shards balanced when the cost of a block varies smoothly across the
-    volume; together the shards cover every block exactly once.
+
+def shard_of(index: int, num_blocks: int, num_shards: int, assignment: str = "round_robin") -> int:
+    """The shard that owns block ``index`` of ``num_blocks`` (see :func:`select_shard`)."""
+    if assignment == "round_robin":
+        return index % num_shards
+    if assignment == "contiguous":
+        return (index * num_shards) // num_blocks
+    raise ValueError(f"assignment: expected one of {ASSIGNMENTS}, got {assignment!r}")
+
+
+def select_shard(blocks: Sequence[Block], shard_index: int, num_shards: int,
+                 assignment: str = "round_robin") -> list[Block]:
+    """The blocks of shard ``shard_index`` of ``num_shards``.
+
+    ``round_robin``: every ``num_shards``-th block, which keeps shards balanced when the cost
+    of a block varies smoothly across the volume. ``contiguous``: one run of consecutive
+    indices per shard (sizes differ by at most one), in shard order, so a block's
+    lower-index neighbours belong to the same or a lower shard: a phase that waits for them
+    (predict's blend) never waits for a shard that a scheduler starts only later (an
+    Indexed Job or Slurm array runs its lower indices first). Either way the shards cover
+    every block exactly once.
     """
     check_shard(shard_index, num_shards)
-    return [b for b in blocks if b.index % num_shards == shard_index]
+    return [b for b in blocks if shard_of(b.index, len(blocks), num_shards, assignment) == shard_index]
 
 
 def check_shard(shard_index: int, num_shards: int) -> None:

@@ -88,14 +88,17 @@ def run_phase(
     threads: int = 1,
     desc: str | None = None,
     complete_info: Mapping[str, Any] | None = None,
+    assignment: str = "round_robin",
 ) -> PhaseResult:
     """Run this shard's blocks of ``phase`` (see the module docstring).
 
     ``store``/``spec`` None: an in-memory gather (TIFF output): no markers, no resume.
     ``overwrite``: recompute this shard's blocks even when marked done.
     ``complete_info``: extra fields for ``complete.json`` if this shard completes the run.
+    ``assignment``: how blocks are dealt to shards (:func:`~catena_mito.blockwise.geometry.select_shard`);
+    recorded in the shard records, so status names the right owner of a missing block.
     """
-    mine = select_shard(blocks, shard_index, num_shards)
+    mine = select_shard(blocks, shard_index, num_shards, assignment)
     desc = desc or f"{phase} shard {shard_index}/{num_shards}"
     result = PhaseResult(phase, len(blocks), len(mine))
     if store is None or spec is None:
@@ -109,7 +112,7 @@ def run_phase(
             done = set()
         todo = [b for b in mine if b.index not in done]
         store.write_shard_record(spec.run_id, phase, shard_index, num_shards, "running",
-                                 blocks=len(mine), todo=len(todo))
+                                 blocks=len(mine), todo=len(todo), assignment=assignment)
     result.blocks_skipped = len(mine) - len(todo)
     log.info("%s: %d blocks in this shard (%d of the whole phase), %d done already, %d to compute",
              desc, len(mine), len(blocks), result.blocks_skipped, len(todo))
@@ -138,7 +141,7 @@ def run_phase(
     finally:
         if store is not None and spec is not None:
             store.write_shard_record(spec.run_id, phase, shard_index, num_shards, state,
-                                     blocks=len(mine), computed=result.blocks_computed)
+                                     blocks=len(mine), computed=result.blocks_computed, assignment=assignment)
     if store is not None and spec is not None:
         store.mark_complete_if_done(spec, complete_info)
     return result

@@ -291,11 +291,15 @@ class PhaseProgress:
         missing = self.missing
         if not missing:
             return []
+        from catena_mito.blockwise.geometry import shard_of
+
         counts = sorted({int(r["num_shards"]) for r in self.shards}) or [1]
         by_shard = {(int(r["shard_index"]), int(r["num_shards"])): r for r in self.shards}
         out = []
         for n in counts[-1:]:  # the most recent plan of shards is the largest count seen
-            for k in sorted({i % n for i in missing}):
+            assignment = next((str(r["assignment"]) for r in self.shards
+                               if int(r["num_shards"]) == n and r.get("assignment")), "round_robin")
+            for k in sorted({shard_of(i, self.total, n, assignment) for i in missing}):
                 record = by_shard.get((k, n))
                 state = "never started" if record is None else f"{record['state']} {utc(record['time'])}"
                 out.append(f"shard {k} of {n} ({state})")
