@@ -1,7 +1,7 @@
 """Fault injection: SIGKILL ``predict``/``label`` processes at random moments, rerun, compare.
 
 A trial starts ``python -m catena_mito <predict|label> ...`` on an output of its own, kills
-the whole process group with SIGKILL after a seeded random delay, checks that every block
+the whole process group with SIGKILL at a seeded random moment, checks that every block
 marked done for the run that owns the output holds its final data (DESIGN invariant 3;
 markers under ``<record>/runs/<run id>/<phase>/done/``, label block data under
 ``.../blocks/data/``, and a ``complete.json`` only over a whole output, see
@@ -9,9 +9,13 @@ markers under ``<record>/runs/<run id>/<phase>/done/``, label block data under
 output is byte-identical (every file of the output array, chunk by chunk, outside its
 ``.catena`` records) to a clean run's.
 
-The delays are drawn uniformly from ``[first/2, total]``, where ``total`` is the clean
-run's duration and ``first`` the moment its first done marker appeared, both measured once
-per setup: most kills land while blocks are being written, a few during start-up.
+When to kill is a fraction ``f`` drawn uniformly from ``[-0.25, 1]`` against a clean run of
+the same job, measured once per setup (``first``: seconds to its first done marker,
+``total``: its duration). ``f < 0`` kills at ``(1 + f) * first`` seconds, during start-up;
+``f >= 0`` waits for the trial's own first marker, then ``f * (total - first)`` more,
+stretched by how much slower the trial reached its first marker than the clean run did. So
+most kills land while blocks are being written even on a loaded machine (a fixed delay
+missed them when the tests ran beside others).
 
     .venv/bin/python bench/faults.py [--trials 20] [--kind predict,label] [--seed 0] [--keep DIR]
 
@@ -288,12 +292,26 @@ class Trial:
     rerun_s: float
 
 
-def kill_trial(job: Job, delay: float, reference_files: dict[str, bytes], reference: np.ndarray,
-               rerun: Callable[[Job], Any] = run_to_end) -> Trial:
-    proc = start(job)
-    deadline = time.monotonic() + delay
+def _wait(proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.005)
+
+
+def kill_trial(job: Job, fraction: float, first: float, total: float,
+               reference_files: dict[str, bytes], reference: np.ndarray,
+               rerun: Callable[[Job], Any] = run_to_end) -> Trial:
+    """Start ``job``, kill it at the moment ``fraction`` names (module docstring), check."""
+    t0 = time.monotonic()
+    proc = start(job)
+    if fraction < 0:
+        _wait(proc, (1 + fraction) * first)
+    else:
+        while proc.poll() is None and not count_markers(job):
+            time.sleep(0.005)
+        stretch = max(1.0, (time.monotonic() - t0) / max(first, 1e-3))
+        _wait(proc, fraction * (total - first) * stretch)
+    delay = time.monotonic() - t0
     exited = proc.poll() is not None
     kill_group(proc)
     seen, problems = check_markers(job, reference)
@@ -318,13 +336,15 @@ class Setup:
         self.count = 0
 
     def delays(self, n: int, seed: int) -> list[float]:
+        """``n`` kill moments, as fractions (see the module docstring)."""
         rng = random.Random(seed)
-        return [rng.uniform(self.first / 2, self.total) for _ in range(n)]
+        return [rng.uniform(-0.25, 1.0) for _ in range(n)]
 
-    def trial(self, delay: float, rerun: Callable[[Job], Any] = run_to_end) -> Trial:
+    def trial(self, fraction: float, rerun: Callable[[Job], Any] = run_to_end) -> Trial:
         self.count += 1
         job = make_job(self.kind, self.inputs, self.root / f"{self.kind}-trial-{self.count}")
-        return kill_trial(job, delay, self.reference_files, self.reference, rerun)
+        return kill_trial(job, fraction, self.first, self.total, self.reference_files,
+                          self.reference, rerun)
 
 
 def run_in_process(job: Job) -> None:

@@ -11,8 +11,8 @@ A volume smaller than the patch in some axis is refused with a :class:`DataError
 (padding would feed the model content it never saw in training and make the border
 depend on the padding rule); use a smaller ``patch_size``.
 
-Each window's foreground probability (softmax channel 1; sigmoid for one output channel)
-is weighted by a Gaussian importance map (as MONAI's ``gaussian`` mode: sigma = 0.125 ×
+Each window's per-target probabilities (see :mod:`catena_mito.targets`: softmax channel 1
+of a two-channel single-target model, else one sigmoid per target) are weighted by a Gaussian importance map (as MONAI's ``gaussian`` mode: sigma = 0.125 ×
 patch per axis, maximum 1, clamped below at 1e-3 so corner voxels keep a usable weight),
 and the output is ``Σ w·p / Σ w`` over the windows covering a voxel.
 
@@ -39,6 +39,7 @@ import numpy as np
 from catena_mito.blockwise import signals
 from catena_mito.blockwise.geometry import Coord, Roi, as_coord
 from catena_mito.errors import ConfigError, DataError
+from catena_mito.targets import DEFAULT_TARGETS, validate_targets
 
 #: Gaussian sigma as a fraction of the patch size (MONAI's default).
 SIGMA_SCALE = 0.125
@@ -157,13 +158,13 @@ def precision_name(device: str, amp: bool) -> str:
 
 
 class ModelRunner:
-    """Runs a segmentation model on batches of windows and returns foreground probabilities.
+    """Runs a segmentation model on batches of windows and returns per-target probabilities.
 
     ``model`` maps ``(N, 1, pz, py, px)`` float input to ``(N, C, pz, py, px)`` logits (or
     any callable doing so). The runner puts a module in eval mode, runs under
     ``torch.inference_mode``, always in full batches of ``batch_size`` (padding the last
-    one) so a window's result does not depend on its batch, and returns softmax channel 1
-    (sigmoid when ``C == 1``) as float32.
+    one) so a window's result does not depend on its batch, and returns the probabilities
+    of ``targets`` (:func:`catena_mito.targets.probabilities`) as float32 ``(N, T, …)``.
 
     ``amp``: bf16 autocast on CUDA; on CPU it has no effect (CPU bf16 is slow on most
     hardware and would change results). ``tta="flips"``: the mean over the identity and
@@ -177,6 +178,7 @@ class ModelRunner:
         device: str = "cpu",
         amp: bool = False,
         tta: str = "none",
+        targets: Sequence[str] = DEFAULT_TARGETS,
     ):
         import torch
 
@@ -191,6 +193,7 @@ class ModelRunner:
         self.batch_size = int(batch_size)
         self.amp = bool(amp) and self.device.startswith("cuda")
         self.tta = tta
+        self.targets = validate_targets(targets)
         self.forward_calls = 0
         self.windows_run = 0
 
@@ -210,20 +213,18 @@ class ModelRunner:
             )
         return logits.float()
 
-    @staticmethod
-    def _probability(logits: Any) -> np.ndarray:
-        """Foreground probability (z, y, x) of ONE window's logits (C, z, y, x).
+    def _probability(self, logits: Any) -> np.ndarray:
+        """Per-target probabilities (T, z, y, x) of ONE window's logits (C, z, y, x).
 
         Done window by window on a fresh contiguous tensor: PyTorch's vectorised
         transcendental kernels (exp in softmax/sigmoid) split a tensor into SIMD lanes and
         thread chunks by flat position, so the same voxel could be rounded differently at
         another batch position. Add/multiply/divide are exactly rounded either way.
         """
-        import torch
+        from catena_mito.targets import probabilities
 
         one = logits.contiguous()[None]
-        p = torch.sigmoid(one[:, 0]) if one.shape[1] == 1 else torch.softmax(one, dim=1)[:, 1]
-        return p[0].cpu().numpy()
+        return probabilities(one, self.targets)[0].cpu().numpy()
 
     def _predict_batch(self, x: Any, real: int) -> list[np.ndarray]:
         logits = self._logits(x)
@@ -237,11 +238,11 @@ class ModelRunner:
         return [p / np.float32(4.0) for p in probs]
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
-        """Probabilities (N, pz, py, px) float32 of windows (N, pz, py, px) float32."""
+        """Probabilities (N, T, pz, py, px) float32 of windows (N, pz, py, px) float32."""
         import torch
 
         n = len(windows)
-        out = np.empty(windows.shape, dtype=np.float32)
+        out = np.empty((n, len(self.targets), *windows.shape[1:]), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, n, self.batch_size):
                 batch = windows[start : start + self.batch_size]
@@ -268,16 +269,18 @@ def predict_region(
     batch_size: int | None = None,
     weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Blended probabilities (float32, shape ``write_roi.shape``) of one region.
+    """Blended probabilities (float32, ``(T, *write_roi.shape)``) of one region.
 
     Runs every window of ``grid`` that intersects ``write_roi`` (model grid, voxels z, y, x),
     reading their union once through ``read_fn(roi) -> float32 array`` (preprocessed input),
-    and accumulates ``w·p`` and ``w`` over the window ∩ ``write_roi`` part in float32, in
+    and accumulates ``w·p`` (every target) and ``w`` over the window ∩ ``write_roi`` part in float32, in
     the global window order: the result for a voxel is bitwise the same for any
     ``write_roi`` containing it (the same windows, added in the same order; at most
     ``prod(ceil(patch / stride))`` terms per voxel, so float32 loses nothing that matters
     and halves the memory traffic of the hot loop). Windows are handed to ``runner`` ``batch_size`` at a time
     (default: ``runner.batch_size``, else 2) so memory stays ``O(batch × patch)``.
+    ``runner(windows (N, pz, py, px)) -> (N, T, pz, py, px)`` probabilities; a runner that
+    returns ``(N, pz, py, px)`` is one target.
     """
     windows = grid.windows(write_roi)
     if not windows:
@@ -287,19 +290,25 @@ def predict_region(
     if data.shape != read_roi.shape:
         raise ValueError(f"read_fn returned shape {data.shape} for region {read_roi}")
     w = np.asarray(importance_map(grid.patch_size) if weights is None else weights, dtype=np.float32)
-    num = np.zeros(write_roi.shape, dtype=np.float32)
+    num: np.ndarray | None = None
     den = np.zeros(write_roi.shape, dtype=np.float32)
     step = batch_size or getattr(runner, "batch_size", 2)
+    every = (slice(None),)
     for group in _chunks(windows, step):
         signals.raise_if_requested("in the middle of a block, which is abandoned")
         patches = np.stack([data[win.to_slices(read_roi)] for win in group])
-        probs = runner(patches)
+        probs = np.asarray(runner(patches))
+        if probs.ndim == 4:  # a plain callable: one target
+            probs = probs[:, None]
+        if num is None:
+            num = np.zeros((probs.shape[1], *write_roi.shape), dtype=np.float32)
         for win, p in zip(group, probs):
             part = win.intersect(write_roi)
             in_win = part.to_slices(win)
             in_out = part.to_slices(write_roi)
             wp = w[in_win]
-            num[in_out] += wp * p[in_win]
+            # the same float32 operations per target as with one target alone
+            num[every + in_out] += wp * p[every + in_win]
             den[in_out] += wp
     num /= den
     return num
@@ -316,12 +325,13 @@ def predict_block(
     block: Any,
     grid: WindowGrid,
 ) -> np.ndarray:
-    """Probabilities of a :class:`~catena_mito.blockwise.geometry.Block`'s write region (model grid).
+    """First-target probabilities of a :class:`~catena_mito.blockwise.geometry.Block`'s write
+    region (model grid).
 
     The block's own ``read_roi`` is not used: the read region is the union of the windows
     that touch the write region (:meth:`WindowGrid.read_roi`).
     """
-    return predict_region(runner, read_fn, block.write_roi, grid)
+    return predict_region(runner, read_fn, block.write_roi, grid)[0]
 
 
 def sliding_window_predict(
@@ -333,8 +343,10 @@ def sliding_window_predict(
     device: str = "cpu",
     amp: bool = False,
     tta: str = "none",
+    targets: Sequence[str] = DEFAULT_TARGETS,
 ) -> np.ndarray:
-    """Foreground probabilities (z, y, x) float32 of a whole, already preprocessed volume.
+    """Probabilities (z, y, x) float32 of a whole, already preprocessed volume; with several
+    ``targets``, ``(T, z, y, x)`` in their order.
 
     ``volume`` is float32 (z, y, x) on the model grid (see
     :func:`catena_mito.preprocess.preprocess_volume`); ``patch_size``/``stride`` in voxels
@@ -347,9 +359,10 @@ def sliding_window_predict(
     patch = as_coord(patch_size, "patch_size")
     stride = as_coord(stride, "stride") if stride is not None else default_stride(patch)
     grid = WindowGrid(volume.shape, patch, stride)  # type: ignore[arg-type]
-    runner = ModelRunner(model, batch_size=batch_size, device=device, amp=amp, tta=tta)
+    runner = ModelRunner(model, batch_size=batch_size, device=device, amp=amp, tta=tta, targets=targets)
     vol = volume.astype(np.float32, copy=False)
-    return predict_region(runner, lambda roi: vol[roi.to_slices()], Roi.from_shape(vol.shape), grid)
+    probs = predict_region(runner, lambda roi: vol[roi.to_slices()], Roi.from_shape(vol.shape), grid)
+    return probs[0] if len(runner.targets) == 1 else probs
 
 
 def default_stride(patch_size: Sequence[int]) -> Coord:

@@ -16,6 +16,10 @@ of its shard. Per block::
       ▼
     encode (uint8 = round(p·255) | float16 | float32) → write the block → done marker
 
+A model predicts one or more *targets* (:mod:`catena_mito.targets`): one block computes all
+of them at once (the same windows, one forward pass each) and writes each target's chunk
+of its own array, so one writer per chunk still holds.
+
 Every step computes a voxel from the same inputs in the same order whichever block asks
 (see :mod:`catena_mito.inference` and :mod:`catena_mito.preprocess`), so the output is
 bitwise identical for any ``block_shape`` and any number of shards, and equal to
@@ -28,6 +32,12 @@ Outputs (Zarr):
 * ``output_dir`` ending in ``.zarr`` (one input only): ``<output_dir>/<name>``;
 * any other ``output_dir``: ``<output_dir>/<input stem>.zarr/<name>`` per input (stem =
   the input's last path component without ``.zarr``).
+
+That is the foreground's array; every other target of the checkpoint goes beside it at
+:func:`catena_mito.targets.prediction_url` (``…/mito_contour``), with the same dtype,
+chunks and spatial/OME metadata. Each array carries ``catena_target`` (its target), the
+foreground's also ``catena_targets`` (all targets of the run), and all of them
+``catena_run``, pointing at the one run record kept with the foreground array.
 
 Each output array carries ``resolution`` and ``offset`` (nm); done markers live under
 ``<output array>/.catena/predict/done`` and the resolved config (secrets redacted) at
@@ -68,6 +78,7 @@ from catena_mito.blockwise.runs import (
 from catena_mito.config import PredictConfig, save_resolved_config
 from catena_mito.errors import CheckpointError, ConfigError, DataError, RunMismatchError
 from catena_mito.preprocess import GridMap, Preprocessor, normalize
+from catena_mito.targets import FOREGROUND, TARGET_ATTR, prediction_url
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +90,8 @@ RECORD_DIR = ".catena/predict"
 #: Bumped whenever a change in this module or in inference/preprocess changes the values
 #: predict writes, so outputs of an older algorithm never pass as current.
 ALGORITHM_VERSION = 1
+#: The foreground array's attribute listing every target its run wrote.
+TARGETS_ATTR = "catena_targets"
 
 
 # --- settings resolved from the config and the checkpoint -----------------------------------
@@ -92,6 +105,7 @@ class ModelSettings:
     patch_size: Coord
     stride: Coord
     clahe: bool
+    targets: tuple[str, ...]
     train_original_res: tuple[float, float, float] | None
     train_target_res: tuple[float, float, float] | None
 
@@ -120,6 +134,7 @@ def resolve_model_settings(config: PredictConfig, ckpt: Mapping[str, Any]) -> Mo
     """
     from catena_mito.inference import default_stride
     from catena_mito.models import check_patch_size
+    from catena_mito.targets import checkpoint_targets
 
     ckpt_type = ckpt["model_type"]
     if config.model_type is not None and config.model_type != ckpt_type:
@@ -143,6 +158,7 @@ def resolve_model_settings(config: PredictConfig, ckpt: Mapping[str, Any]) -> Mo
         patch_size=patch,  # type: ignore[arg-type]
         stride=stride,  # type: ignore[arg-type]
         clahe=clahe,
+        targets=checkpoint_targets(ckpt),
         train_original_res=_triple(train.get("original_res"), "original_res"),
         train_target_res=_triple(train.get("target_res"), "target_res"),
     )
@@ -219,6 +235,14 @@ def output_urls(config: PredictConfig) -> list[str]:
     return urls
 
 
+def target_url(foreground_url: str, target: str) -> str:
+    """Where ``target``'s output goes, given the foreground's (a TIFF keeps its suffix last)."""
+    for suffix in (".tif", ".tiff"):
+        if foreground_url.endswith(suffix):
+            return prediction_url(foreground_url[: -len(suffix)], target) + suffix
+    return prediction_url(foreground_url, target)
+
+
 # --- encoding -------------------------------------------------------------------------------
 
 
@@ -246,7 +270,8 @@ class _Job:
     """Everything needed to compute blocks of one input's output."""
 
     input_url: str
-    output_url: str
+    output_url: str  # the foreground's
+    targets: tuple[str, ...]
     raw_url: str
     raw_identity: dict
     preprocessor: Preprocessor
@@ -258,6 +283,11 @@ class _Job:
     original_res: tuple[float, ...]
     target_res: tuple[float, ...]
 
+    @property
+    def target_urls(self) -> dict[str, str]:
+        """Every target's output URL, in the targets' order (the foreground's first)."""
+        return {t: target_url(self.output_url, t) for t in self.targets}
+
     def model_region(self, block: Block) -> Roi:
         """The model-grid region whose probabilities the block's write region needs."""
         if self.back is None:
@@ -268,7 +298,8 @@ class _Job:
         return self.window_grid.read_roi(self.model_region(block))
 
     def compute(self, runner: Any, block: Block, data: np.ndarray) -> np.ndarray:
-        """Float32 probabilities of the block's write region from its preprocessed read region."""
+        """Float32 probabilities ``(T, *write shape)`` of the block's write region from its
+        preprocessed read region."""
         from catena_mito.inference import predict_region
 
         region = self.model_region(block)
@@ -282,7 +313,7 @@ class _Job:
         probs = predict_region(runner, read, region, self.window_grid)
         if self.back is None:
             return probs
-        return self.back.resample(probs, region, block.write_roi, order=1)
+        return np.stack([self.back.resample(p, region, block.write_roi, order=1) for p in probs])
 
 
 def _make_job(config: PredictConfig, settings: ModelSettings, input_url: str, output_url: str) -> _Job:
@@ -309,6 +340,7 @@ def _make_job(config: PredictConfig, settings: ModelSettings, input_url: str, ou
     return _Job(
         input_url=input_url,
         output_url=output_url,
+        targets=settings.targets,
         raw_url=raw_url,
         raw_identity=array_identity(raw, raw_url, config.storage_options),
         preprocessor=pre,
@@ -353,6 +385,7 @@ def run_spec(config: PredictConfig, settings: ModelSettings, job: _Job, model_id
             "patch_size": list(settings.patch_size), "stride": list(settings.stride), "clahe": settings.clahe,
             "tta": config.tta, "original_res": list(job.original_res), "target_res": list(job.target_res),
             "output_res": config.output_res, "output_dtype": config.output_dtype, "precision": precision,
+            "targets": list(settings.targets),
         },
         "plan": {"shape": list(job.block_grid.volume_shape), "block_shape": list(job.block_grid.block_shape),
                  "output_chunks": list(config.output_chunks)},
@@ -370,22 +403,31 @@ def run_store(output_url: str, storage_options: Mapping[str, Any] | None = None)
     return RunStore(record_url(output_url), storage_options, shown=f"output {storage.redact_url(output_url)!r}")
 
 
-def _output_attrs(config: PredictConfig, job: _Job, spec: RunSpec) -> dict[str, Any]:
-    return {
+def _output_attrs(config: PredictConfig, job: _Job, spec: RunSpec, target: str = FOREGROUND) -> dict[str, Any]:
+    """The attributes of ``target``'s array; ``catena_run`` points at the foreground's record."""
+    from catena_mito.blockwise.runs import relative_url
+
+    url = job.target_urls[target]
+    attrs: dict[str, Any] = {
         **storage.spatial_attrs(job.out_res, job.offset),
         "catena_predict": {
             "input": storage.redact_url(job.input_url),
             "output_dtype": config.output_dtype,
             "uint8_scale": 255 if config.output_dtype == "uint8" else None,
         },
-        RUN_ATTR: {"task": MARKER_TASK, "run_id": spec.run_id, "record": RECORD_DIR},
+        TARGET_ATTR: target,
+        RUN_ATTR: {"task": MARKER_TASK, "run_id": spec.run_id,
+                   "record": relative_url(url, record_url(job.output_url))},
     }
+    if target == FOREGROUND:
+        attrs[TARGETS_ATTR] = list(job.targets)
+    return attrs
 
 
-def _open_output(config: PredictConfig, job: _Job, attrs: Mapping[str, Any], overwrite: bool):
+def _open_output(config: PredictConfig, job: _Job, url: str, attrs: Mapping[str, Any], overwrite: bool):
     shape = job.block_grid.volume_shape
-    if storage.array_exists(job.output_url, config.storage_options):
-        existing = storage.open_array(job.output_url, config.storage_options, mode="r+")
+    if storage.array_exists(url, config.storage_options):
+        existing = storage.open_array(url, config.storage_options, mode="r+")
         same = (
             tuple(existing.shape) == tuple(shape)
             and existing.dtype == np.dtype(config.output_dtype)
@@ -395,7 +437,7 @@ def _open_output(config: PredictConfig, job: _Job, attrs: Mapping[str, Any], ove
             # Concurrent shards: don't rewrite identical metadata under each other's feet.
             return existing
     return storage.create_array(
-        job.output_url,
+        url,
         shape,
         config.output_dtype,
         config.output_chunks,
@@ -422,7 +464,10 @@ def _predict_zarr(config: PredictConfig, settings: ModelSettings, runner: Any, j
     if claim is not None and claim.get("run_id") != spec.run_id and not overwrite:
         raise RunMismatchError(store.mismatch_message(claim, spec))  # before anything is written
     existed = storage.array_exists(job.output_url, opts)
-    arr = _open_output(config, job, _output_attrs(config, job, spec), overwrite)
+    # The other targets first: the foreground array (with the record) is the run's face.
+    arrays = {t: _open_output(config, job, url, _output_attrs(config, job, spec, t), overwrite)
+              for t, url in reversed(job.target_urls.items())}
+    arrays = [arrays[t] for t in job.targets]
     if not existed and claim is not None:
         # The array was deleted but its records were not (object stores): nothing is done.
         storage.remove(store.url("runs"), opts)
@@ -430,7 +475,8 @@ def _predict_zarr(config: PredictConfig, settings: ModelSettings, runner: Any, j
     save_resolved_config(_resolved(config, settings, job), store.url("config.yaml"), opts)
 
     def write(block: Block, values: np.ndarray) -> None:
-        arr[block.write_roi.to_slices()] = values
+        for arr, target_values in zip(arrays, values):
+            arr[block.write_roi.to_slices()] = target_values
 
     windows_before = getattr(runner, "windows_run", 0)
     result = run_phase(store, spec, MARKER_TASK, job.block_grid.blocks(), _steps(job, runner, config, write),
@@ -443,6 +489,7 @@ def _summary(job: _Job, result: PhaseResult, windows: int, spec: RunSpec | None)
     return {
         "input": storage.redact_url(job.input_url),
         "output": storage.redact_url(job.output_url),
+        "targets": {t: storage.redact_url(u) for t, u in job.target_urls.items()},
         "run_id": spec.run_id if spec is not None else None,
         "shape": list(job.block_grid.volume_shape),
         "resolution": list(job.out_res),
@@ -469,7 +516,7 @@ def tiff_limit_bytes() -> int:
 
 def _predict_tiff(config: PredictConfig, settings: ModelSettings, runner: Any, job: _Job) -> dict[str, Any]:
     shape = job.block_grid.volume_shape
-    nbytes = int(np.prod(shape)) * np.dtype(config.output_dtype).itemsize
+    nbytes = int(np.prod(shape)) * np.dtype(config.output_dtype).itemsize * len(job.targets)
     limit = tiff_limit_bytes()
     if nbytes > limit:
         raise ConfigError(
@@ -477,15 +524,16 @@ def _predict_tiff(config: PredictConfig, settings: ModelSettings, runner: Any, j
             f"is {nbytes / 2**30:.2f} GiB, over the limit of {limit / 2**30:.2f} GiB "
             "($CATENA_TIFF_MAX_BYTES); use output_format 'zarr'"
         )
-    out = np.zeros(shape, dtype=config.output_dtype)
+    out = np.zeros((len(job.targets), *shape), dtype=config.output_dtype)
 
     def write(block: Block, values: np.ndarray) -> None:
-        out[block.write_roi.to_slices()] = values
+        out[(slice(None), *block.write_roi.to_slices())] = values
 
     windows_before = getattr(runner, "windows_run", 0)
     result = run_phase(None, None, MARKER_TASK, job.block_grid.blocks(), _steps(job, runner, config, write),
                        threads=max(1, config.num_workers), desc="predict (tiff)")
-    storage.write_tiff(job.output_url, out, job.out_res, job.offset, config.storage_options)
+    for target_values, url in zip(out, job.target_urls.values()):
+        storage.write_tiff(url, target_values, job.out_res, job.offset, config.storage_options)
     save_resolved_config(_resolved(config, settings, job), job.output_url + ".config.yaml", config.storage_options)
     return _summary(job, result, getattr(runner, "windows_run", 0) - windows_before, None)
 
@@ -555,7 +603,8 @@ def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, ov
     _size_torch_threads()
     model = build_model_from_checkpoint(ckpt)
     del ckpt
-    runner = ModelRunner(model, batch_size=config.batch_size, device=config.device, amp=config.amp, tta=config.tta)
+    runner = ModelRunner(model, batch_size=config.batch_size, device=config.device, amp=config.amp, tta=config.tta,
+                         targets=settings.targets)
     results = []
     for job, spec in zip(jobs, specs):
         if config.output_format == "tiff":
@@ -598,7 +647,8 @@ def plan_summary(config: PredictConfig, settings: ModelSettings, job: _Job, spec
         "run_id": spec.run_id,
         "output_shape": list(job.block_grid.volume_shape),
         "output_dtype": config.output_dtype,
-        "output_bytes": int(math.prod(job.block_grid.volume_shape)) * itemsize,
+        "targets": list(job.targets),
+        "output_bytes": int(math.prod(job.block_grid.volume_shape)) * itemsize * len(job.targets),
         "model_grid_shape": list(job.window_grid.volume_shape),
         "block_shape": list(job.block_grid.block_shape),
         "blocks_total": len(blocks),
@@ -635,7 +685,7 @@ def format_plan(plan: Mapping[str, Any]) -> str:
     lines = [
         f"predict {plan['input']} -> {plan['output']} (run {plan['run_id']})",
         f"  output      {plan['output_shape']} {plan['output_dtype']}, {format_bytes(plan['output_bytes'])}"
-        f" (model grid {plan['model_grid_shape']})",
+        f" (model grid {plan['model_grid_shape']}; targets {', '.join(plan['targets'])})",
         f"  blocks      {plan['blocks_total']} of {plan['block_shape']}; per shard {_counts(plan['blocks_per_shard'])}"
         f"; this shard {plan['blocks_in_this_shard']}",
         f"  windows     {plan['windows_all_blocks']} over all blocks ({plan['windows_per_block_max']} per block at most)"

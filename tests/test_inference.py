@@ -127,7 +127,7 @@ def test_runner_pads_last_batch_and_counts():
 
     runner = ModelRunner(model, batch_size=4)
     out = runner(np.zeros((6, 2, 2, 2), np.float32))
-    assert out.shape == (6, 2, 2, 2)
+    assert out.shape == (6, 1, 2, 2, 2)  # (N, T, z, y, x): one target
     assert seen == [4, 4]
     assert runner.windows_run == 6
 

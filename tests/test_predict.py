@@ -387,3 +387,79 @@ def test_cli_error_is_one_line(tmp_path, dataset):
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("catena-mito:")]
     assert len(lines) == 1 and "checkpoint not found" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+# --- several targets (foreground + contour) ---------------------------------------------------
+
+
+def legacy_blend(model, vol, patch, stride, batch_size=2):
+    """The foreground blend as predict computed it before targets existed, written out
+    independently: softmax channel 1 per window, Gaussian weights, float32 sums in C order."""
+    from catena_mito.inference import WindowGrid, importance_map
+
+    grid = WindowGrid(vol.shape, patch, stride)
+    wins = grid.windows()
+    w = importance_map(patch).astype(np.float32)
+    num = np.zeros(vol.shape, np.float32)
+    den = np.zeros(vol.shape, np.float32)
+    with torch.inference_mode():
+        for i in range(0, len(wins), batch_size):
+            group = wins[i:i + batch_size]
+            x = np.stack([vol[r.to_slices()] for r in group])
+            x = np.concatenate([x, np.repeat(x[-1:], batch_size - len(x), 0)])
+            logits = model(torch.from_numpy(np.ascontiguousarray(x, np.float32))[:, None]).float()
+            for j, r in enumerate(group):
+                p = torch.softmax(logits[j].contiguous()[None], dim=1)[0, 1].numpy()
+                num[r.to_slices()] += w * p
+                den[r.to_slices()] += w
+    return num / den
+
+
+def test_single_target_checkpoint_writes_exactly_the_previous_bytes(tmp_path, model_and_ckpt, dataset):
+    model, ckpt = model_and_ckpt
+    url, raw = dataset
+    config = cfg(ckpt, [url], output_dir=str(tmp_path / "o"), block_shape=[8, 16, 16])
+    run_shards(config, 2)
+    np.testing.assert_array_equal(read_output(output_urls(config)[0]), legacy_blend(model, preprocess_volume(raw), PATCH, (4, 8, 8)))
+    assert not storage.array_exists(output_urls(config)[0] + "_contour")
+    attrs = storage.open_array(output_urls(config)[0]).attrs
+    assert attrs["catena_target"] == "foreground" and attrs["catena_targets"] == ["foreground"]
+
+
+@pytest.fixture(scope="module")
+def two_target_ckpt(tmp_path_factory):
+    torch.manual_seed(1)
+    model = build_model("monai_unet", **{**MODEL_PARAMS, "out_channels": 2}).eval()
+    path = str(tmp_path_factory.mktemp("ckpt2") / "model.pth")
+    train_cfg = {"patch_size": list(PATCH), "stride": [4, 8, 8], "clahe": False}
+    payload = make_payload("monai_unet", {**MODEL_PARAMS, "out_channels": 2}, model, epoch=1, config=train_cfg)
+    payload["targets"] = ["foreground", "contour"]
+    save_checkpoint(path, payload)
+    return model, path
+
+
+def test_two_targets_each_written_beside_the_foreground_sharded_equal_whole(tmp_path, two_target_ckpt, dataset):
+    from catena_mito.blockwise.runs import check_input
+
+    model, ckpt = two_target_ckpt
+    url, raw = dataset
+    ref = sliding_window_predict(model, preprocess_volume(raw), PATCH, (4, 8, 8), targets=("foreground", "contour"))
+    assert ref.shape == (2, *raw.shape)
+    for block, shards in [((8, 16, 16), 3), ((24, 48, 48), 1)]:
+        config = cfg(ckpt, [url], output_dir=str(tmp_path / f"o{shards}"), block_shape=list(block))
+        run_shards(config, shards)
+        fg_url = output_urls(config)[0]
+        fg, contour = storage.open_array(fg_url), storage.open_array(fg_url + "_contour")
+        np.testing.assert_array_equal(fg[...], ref[0])
+        np.testing.assert_array_equal(contour[...], ref[1])
+        assert not np.array_equal(ref[0], ref[1])  # two sigmoids, not one softmax
+        assert fg.attrs["catena_target"] == "foreground" and contour.attrs["catena_target"] == "contour"
+        assert fg.attrs["catena_targets"] == ["foreground", "contour"] and "catena_targets" not in contour.attrs
+        assert contour.chunks == fg.chunks and contour.dtype == fg.dtype
+        assert contour.attrs["resolution"] == fg.attrs["resolution"]
+        run = fg.attrs["catena_run"]
+        assert contour.attrs["catena_run"]["run_id"] == run["run_id"]
+        # both arrays lead to the one (complete) run record, kept with the foreground
+        assert check_input(contour, fg_url + "_contour", "contour")["run_id"] == run["run_id"]
+        claim = run_store(fg_url).read_claim()
+        assert claim["description"]["settings"]["targets"] == ["foreground", "contour"]
