@@ -553,20 +553,6 @@ def pool_metrics(per_volume: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class _Channel(nn.Module):
-    """One output channel of a several-target model, as a one-logit model: the sliding
-    window turns a single logit into its sigmoid, which is exactly that target's
-    probability (:func:`catena_mito.targets.probabilities`)."""
-
-    def __init__(self, net: nn.Module, channel: int) -> None:
-        super().__init__()
-        self.net = net
-        self.channel = channel
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)[:, self.channel : self.channel + 1]
-
-
 def target_probabilities(
     net: nn.Module,
     raw: np.ndarray,
@@ -580,18 +566,18 @@ def target_probabilities(
     """Whole-volume sliding-window probabilities (z, y, x) of every target, by name.
 
     Through :func:`catena_mito.inference.sliding_window_predict`, predict's code path, with
-    the training patch as window and predict's default stride. One target: the softmax
-    model as always; several: each sigmoid channel in turn.
+    the training patch as window and predict's default stride; every target from one
+    forward pass per window.
     """
     from catena_mito.inference import sliding_window_predict
+    from catena_mito.targets import validate_targets
 
-    def run(m: nn.Module) -> np.ndarray:
-        return sliding_window_predict(m, raw, tuple(patch_size), None,  # None: predict's default stride
-                                      batch_size=batch_size, device=str(device), amp=amp)
-
+    targets = validate_targets(targets)
+    probs = sliding_window_predict(net, raw, tuple(patch_size), None,  # None: predict's default stride
+                                   batch_size=batch_size, device=str(device), amp=amp, targets=targets)
     if len(targets) == 1:
-        return {targets[0]: run(net)}
-    return {name: run(_Channel(net, c)) for c, name in enumerate(targets)}
+        return {targets[0]: probs}
+    return {name: probs[c] for c, name in enumerate(targets)}
 
 
 def preview_png(raw: np.ndarray, label: np.ndarray, prob: np.ndarray, min_height: int = 256) -> bytes:
