@@ -161,8 +161,9 @@ def predict(config_path: str, overrides: tuple[str, ...], shard_index: int | Non
 @_config_options
 @_shard_options
 @click.option(
-    "--phase", type=click.Choice(["all", "blocks", "merge", "relabel", "clean"]), default="all", show_default=True,
-    help="Run one phase (blocks and relabel are sharded; merge and clean are one process) or all of them.",
+    "--phase", type=click.Choice(["all", "blocks", "merge", "seeds", "grow", "sizes", "relabel", "clean"]), default="all", show_default=True,
+    help="Run one phase (blocks, seeds, grow and relabel are sharded; merge, sizes and clean are one process) "
+    "or all of them. seeds, grow and sizes exist in the contour and distance instance modes only.",
 )
 @click.option(
     "--wait-timeout", type=float, default=0.0, show_default=True, metavar="SECONDS",
@@ -175,7 +176,7 @@ def label(config_path: str, overrides: tuple[str, ...], shard_index: int | None,
 
     config = _load("LabelConfig", config_path, overrides)
     # merge and clean are one process: a shard count from the environment is moot there
-    index, count = (0, 1) if phase in ("merge", "clean") else resolve_shard(shard_index, num_shards)
+    index, count = (0, 1) if phase in ("merge", "sizes", "clean") else resolve_shard(shard_index, num_shards)
     from catena_mito.label import format_plan
     from catena_mito.label import label as run
 

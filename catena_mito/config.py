@@ -253,6 +253,29 @@ class LabelConfig(JobConfig):
         (1.0, 1.0, 1.0), description="Resample the output by these factors (z, y, x; nearest neighbour)."
     )
     remove_small_mode: Literal["background"] = Field("background", description="What removed objects become: `background` (0).")
+    instance_mode: Literal["auto", "connected_components", "contour", "distance"] = Field(
+        "auto", description="Beyond the design. How instances are made (docs/tuning.md): `connected_components` of the "
+        "foreground (Catena's method); `contour`: seeds where foreground > `thres_seed` and contour <= `thres_contour`, "
+        "grown into the foreground (for models with a contour target); `distance`: seeds where the foreground lies "
+        "at least `seed_distance` nm inside the mask, grown likewise (for foreground-only models); `auto`: `contour` "
+        "when a contour prediction is given or listed by the prediction's `catena_targets`, else `connected_components`.")
+    input_contour_path: str | None = Field(
+        None, description="Beyond the design. `contour` mode: the contour probabilities (Zarr array URL or TIFF, "
+        "the shape of the foreground); default: beside the prediction, `<input_prediction_path>_contour`.")
+    thres_seed: float = Field(0.8, ge=0, le=1, description="Beyond the design. `contour` mode: a seed voxel has "
+                              "foreground probability > this (and > `thres_foreground`).")
+    thres_contour: float = Field(0.5, ge=0, le=1, description="Beyond the design. `contour` mode: a seed voxel has "
+                                 "contour probability <= this.")
+    thres_small_seeds: int = Field(32, ge=0, description="Beyond the design. `contour`/`distance` modes: seeds "
+                                   "(connected components of seed voxels) smaller than this many voxels (global "
+                                   "size) are dropped before growing.")
+    grow_distance: int = Field(8, ge=0, description="Beyond the design. `contour`/`distance` modes: a foreground "
+                               "voxel takes the id of the nearest seed by geodesic distance inside the foreground "
+                               "(steps under `connectivity`, ties to the smaller id) when it is at most this many "
+                               "steps away, else 0; also the halo (voxels) each block reads.")
+    seed_distance: float = Field(40.0, gt=0, description="Beyond the design. `distance` mode: a seed voxel has no "
+                                 "background voxel closer than this (nm, Euclidean, by the input's resolution; "
+                                 "outside the volume counts as foreground).")
 
     @field_validator("chunk_size", "overlap", "scale_factors", mode="before")
     @classmethod

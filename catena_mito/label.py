@@ -60,7 +60,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -87,11 +86,27 @@ from catena_mito.errors import (
     ShardError,
     StorageError,
 )
+from catena_mito.instances.components import connected_components
+from catena_mito.instances.grow import grow
+from catena_mito.instances.seeds import distance_halo
+from catena_mito.instances.settings import (
+    CONNECTED_COMPONENTS,
+    CONTOUR,
+    DISTANCE,
+    InstanceSettings,
+    check_unused_fields,
+    resolve_mode,
+)
+from catena_mito.instances.whole import seed_mask
+from catena_mito.instances.threshold import foreground
 from catena_mito.stitch import BlockResult, boundary_pairs, forward_offsets, global_table
+from catena_mito.targets import FOREGROUND, TARGET_ATTR, prediction_url
 
 log = logging.getLogger(__name__)
 
-PHASES = ("all", "blocks", "merge", "relabel", "clean")
+PHASES = ("all", "blocks", "merge", "seeds", "grow", "sizes", "relabel", "clean")
+#: Phases only the seeded modes (contour, distance) have.
+INSTANCE_PHASES = ("seeds", "grow", "sizes")
 TIFF_SUFFIXES = (".tif", ".tiff")
 #: Environment variable that sets the most bytes a TIFF output may gather in memory.
 TIFF_LIMIT_ENV = "CATENA_TIFF_MAX_BYTES"
@@ -99,6 +114,9 @@ TIFF_LIMIT_ENV = "CATENA_TIFF_MAX_BYTES"
 TIFF_MEMORY_FRACTION = 0.5
 #: Bumped whenever a change here or in :mod:`catena_mito.stitch` changes the output.
 ALGORITHM_VERSION = 1
+#: Bumped whenever a change in :mod:`catena_mito.instances` changes a seeded mode's output
+#: (connected-components runs do not carry it, so their run ids stay as they were).
+INSTANCE_ALGORITHM_VERSION = 1
 
 __all__ = ["PhaseError", "OutputTooLargeError", "label", "LabelSummary"]
 
@@ -108,76 +126,24 @@ class OutputTooLargeError(ConfigError):
 
 
 
-# --- the foreground -------------------------------------------------------------------------
-
-
-# --- the foreground -------------------------------------------------------------------------
-
-
-def foreground(values: np.ndarray, threshold: float, where: str = "input") -> np.ndarray:
-    """``values > threshold`` evaluated exactly, for probabilities of any supported dtype.
-
-    * float inputs compare in their own precision against the largest value of that dtype
-      not above ``threshold``, which for every representable value gives the same answer
-      as comparing in exact arithmetic (and as ``values.astype(float64) > threshold``);
-    * uint8 inputs are probabilities ``value / 255``: ``value / 255 > threshold`` exactly,
-      i.e. ``value > floor(255 * threshold)`` with the threshold's exact binary value;
-    * bool inputs are probabilities 0 and 1.
-
-    NaN or infinite probabilities are a :class:`DataError` naming ``where``.
-    """
-    dt = values.dtype
-    if dt == np.bool_:
-        return values.copy() if threshold < 1 else np.zeros(values.shape, bool)
-    if dt == np.uint8:
-        cutoff = math.floor(Fraction(threshold) * 255)
-        return values > np.uint8(min(cutoff, 255))
-    if np.issubdtype(dt, np.floating):
-        if not np.isfinite(values).all():
-            bad = "NaN" if np.isnan(values).any() else "infinite"
-            raise DataError(f"{where}: {bad} probabilities (expected values in [0, 1])")
-        t = dt.type(threshold)
-        if float(t) > threshold:  # rounded up: step down one value so that v > t == v > threshold
-            t = np.nextafter(t, dt.type(-np.inf))
-        return values > t
-    raise DataError(
-        f"{where}: dtype {dt} is not a probability volume (expected float, uint8 read as "
-        "value/255, or bool)"
-    )
-
-
-def connected_components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
-    """Provisional labels ``1..n`` of a binary block (deterministic), and ``n``."""
-    if not mask.any():  # skip cc3d on empty blocks, the common case in sparse volumes
-        return np.zeros(mask.shape, np.uint8), 0
-    if min(mask.shape) == 1:
-        # cc3d 4.1 under-allocates its union-find for 26-connected blocks one voxel thick
-        # ("Label 2 cannot be mapped to union-find array of length 2"), as the last block
-        # is when the volume is one voxel longer than a multiple of chunk_size; such thin
-        # blocks are cheap, so scipy labels them (deterministically, like cc3d)
-        from scipy import ndimage
-
-        rank = {6: 1, 18: 2, 26: 3}[connectivity]
-        labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, rank))
-        return labels.astype(np.uint32, copy=False), int(n)
-    import cc3d
-
-    labels, n = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
-    return labels, int(n)
-
-
 # --- the input --------------------------------------------------------------------------------
 
 
 class _Input:
-    """The probability volume, a Zarr array (read block-wise) or a TIFF (read whole)."""
+    """A probability volume, a Zarr array (read block-wise) or a TIFF (read whole).
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any], allow_incomplete: bool = False):
+    ``field`` names the config field it comes from, in every message about it.
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any], allow_incomplete: bool = False,
+                 field: str = "input_prediction_path"):
         self.url = url
         self.shown = storage.redact_url(url)
+        self.field = field
         if url.lower().rstrip("/").endswith(TIFF_SUFFIXES):
             data, meta = storage.read_tiff(url, storage_options)
             self._data: Any = data
+            self.attrs: dict[str, Any] = dict(meta)
             self.resolution = tuple(float(r) for r in meta["resolution"]) if "resolution" in meta else None
             self.offset = tuple(float(o) for o in meta.get("offset", (0.0, 0.0, 0.0)))
             # a TIFF is read whole anyway: its identity can be its content
@@ -185,29 +151,35 @@ class _Input:
                              "content": _digest(np.ascontiguousarray(data))}
         else:
             self._data = storage.open_volume(url, storage_options)
+            self.attrs = dict(self._data.attrs)
             self.resolution, self.offset = storage.read_spatial(self._data)
-            self.identity = check_input(self._data, url, f"input_prediction_path {self.shown!r}",
+            self.identity = check_input(self._data, url, f"{field} {self.shown!r}",
                                         storage_options, allow_incomplete=allow_incomplete)
         shape = tuple(int(s) for s in self._data.shape)
         if len(shape) != 3:
             raise DataError(
-                f"input_prediction_path {self.shown!r} has {len(shape)} dimensions {list(shape)}, "
+                f"{field} {self.shown!r} has {len(shape)} dimensions {list(shape)}, "
                 "expected 3 (z, y, x)"
             )
         if 0 in shape:
-            raise DataError(f"input_prediction_path {self.shown!r} is empty (shape {list(shape)})")
+            raise DataError(f"{field} {self.shown!r} is empty (shape {list(shape)})")
         self.shape: tuple[int, int, int] = shape  # type: ignore[assignment]
         self.dtype = np.dtype(self._data.dtype)
-        foreground(np.zeros(1, self.dtype), 0.5, f"input_prediction_path {self.shown!r}")  # dtype check
+        foreground(np.zeros(1, self.dtype), 0.5, f"{field} {self.shown!r}")  # dtype check
 
-    def foreground(self, roi: Roi, threshold: float) -> np.ndarray:
+    def where(self, roi: Roi) -> str:
+        return f"{self.field} {self.shown!r} at {_roi_text(roi)}"
+
+    def read(self, roi: Roi) -> np.ndarray:
         try:
-            values = np.asarray(self._data[roi.to_slices()])
+            return np.asarray(self._data[roi.to_slices()])
         except CatenaError:
             raise
         except Exception as e:
             raise StorageError(f"cannot read {self.shown!r} at {_roi_text(roi)}: {e}") from e
-        return foreground(values, threshold, f"input_prediction_path {self.shown!r} at {_roi_text(roi)}")
+
+    def foreground(self, roi: Roi, threshold: float) -> np.ndarray:
+        return foreground(self.read(roi), threshold, self.where(roi))
 
 
 def _roi_text(roi: Roi) -> str:
@@ -367,6 +339,7 @@ class _LabelTask:
             self.output_url = storage.join_url(c.output_instance_dir, name)
         self.work_url = storage.join_url(c.output_instance_dir, ".catena", "label", name.strip("/"))
         self.input = _Input(config.input_prediction_path, self.options, allow_incomplete)
+        self._open_instance_inputs(allow_incomplete)
         self.grid = BlockGrid(self.input.shape, config.chunk_size)
         self.out_shape = output_shape(self.input.shape, config.scale_factors)
         self.scaled = tuple(self.out_shape) != tuple(self.input.shape)
@@ -377,8 +350,42 @@ class _LabelTask:
         if self.tiff:  # refuse before any work (the final dtype is at least uint32)
             _check_tiff_fits(self.out_shape, np.uint32, self.output_url)
 
+    def _open_instance_inputs(self, allow_incomplete: bool) -> None:
+        """Resolve the instance mode, open the contour input and check what the mode reads."""
+        c = self.config
+        self.mode = resolve_mode(c.instance_mode, c.input_contour_path is not None, self.input.attrs)
+        check_unused_fields(c, self.mode, c.instance_mode)
+        self.instances = self.mode != CONNECTED_COMPONENTS
+        self.contour: _Input | None = None
+        target = self.input.attrs.get(TARGET_ATTR)
+        if self.instances and target not in (None, FOREGROUND):
+            raise DataError(f"input_prediction_path {self.input.shown!r} holds the {target!r} target "
+                            f"(attribute {TARGET_ATTR}), expected {FOREGROUND!r}")
+        if self.mode == CONTOUR:
+            url = c.input_contour_path or prediction_url(c.input_prediction_path, CONTOUR)
+            if not url.lower().rstrip("/").endswith(TIFF_SUFFIXES) and not storage.array_exists(url, self.options):
+                how = "" if c.input_contour_path else " (the default beside input_prediction_path)"
+                raise DataError(f"instance_mode contour needs contour probabilities: no Zarr array at "
+                                f"input_contour_path {storage.redact_url(url)!r}{how}; predict with a "
+                                "contour target, set input_contour_path, or choose another instance_mode")
+            self.contour = _Input(url, self.options, allow_incomplete, field="input_contour_path")
+            if self.contour.shape != self.input.shape:
+                raise DataError(f"input_contour_path {self.contour.shown!r} is {list(self.contour.shape)}, "
+                                f"the foreground {list(self.input.shape)}; they must be the same shape")
+            target = self.contour.attrs.get(TARGET_ATTR)
+            if target not in (None, CONTOUR):
+                raise DataError(f"input_contour_path {self.contour.shown!r} holds the {target!r} target "
+                                f"(attribute {TARGET_ATTR}), expected {CONTOUR!r}")
+        self.settings = InstanceSettings.from_config(c, self.mode, self.input.resolution if self.mode == DISTANCE
+                                                     else None)
+        # halo of the distance seeds (voxels per axis): background further away cannot matter
+        self.seed_halo = (distance_halo(c.seed_distance, self.settings.resolution) if self.mode == DISTANCE
+                          else (0, 0, 0))
+
     def _spec(self) -> RunSpec:
         c = self.config
+        if self.instances:
+            return self._instance_spec()
         description = {
             "algorithm": ALGORITHM_VERSION,
             "inputs": describe_inputs({"prediction": (c.input_prediction_path, self.input.identity)}),
@@ -393,6 +400,34 @@ class _LabelTask:
         relabel_blocks = 1 if self.tiff else self.out_grid.num_blocks
         return RunSpec("label", description,
                        (("blocks", self.grid.num_blocks), ("merge", 1), ("relabel", relabel_blocks)))
+
+    def _instance_spec(self) -> RunSpec:
+        """The run of a seeded mode: its own settings and inputs, and three more phases.
+
+        Connected-components runs keep the description above unchanged, so their run ids
+        (and outputs already labelled) stay what they were.
+        """
+        c = self.config
+        inputs = {"prediction": (c.input_prediction_path, self.input.identity)}
+        if self.contour is not None:
+            inputs["contour"] = (self.contour.url, self.contour.identity)
+        description = {
+            "algorithm": ALGORITHM_VERSION,
+            "instance_algorithm": INSTANCE_ALGORITHM_VERSION,
+            "inputs": describe_inputs(inputs),
+            "settings": {
+                "thres_foreground": float(c.thres_foreground), "connectivity": int(c.connectivity),
+                "thres_small_instances": int(c.thres_small_instances), "remove_small_mode": c.remove_small_mode,
+                "scale_factors": [float(f) for f in c.scale_factors],
+                "instances": self.settings.description(),
+            },
+            "plan": {"shape": list(self.input.shape), "chunk_size": list(c.chunk_size),
+                     "output_shape": list(self.out_shape), "output_format": c.output_format},
+        }
+        relabel_blocks = 1 if self.tiff else self.out_grid.num_blocks
+        n = self.grid.num_blocks
+        return RunSpec("label", description, (("blocks", n), ("merge", 1), ("seeds", n), ("grow", n),
+                                               ("sizes", 1), ("relabel", relabel_blocks)))
 
     # -- bookkeeping --------------------------------------------------------------------
 
@@ -489,10 +524,23 @@ class _LabelTask:
 
     # -- blocks ---------------------------------------------------------------------------
 
+    def _block_mask(self, roi: Roi) -> np.ndarray:
+        """What the blocks phase numbers in ``roi``: the foreground, or the mode's seeds.
+
+        Distance seeds read ``roi`` grown by their halo (clipped to the volume) and are cut
+        back to ``roi``; contour seeds are pointwise.
+        """
+        if not self.instances:
+            return self.input.foreground(roi, self.config.thres_foreground)
+        region = roi.grow(self.seed_halo).intersect(self.grid.volume_roi)
+        fg = self.input.read(region)
+        contour = self.contour.read(region) if self.contour is not None else None
+        seeds = seed_mask(fg, contour, self.settings, self.input.where(region))
+        return np.ascontiguousarray(seeds[roi.to_slices(region)])
+
     def run_blocks(self, shard_index: int, num_shards: int, overwrite: bool) -> None:
         def compute(block: Block, _: Any) -> tuple[bytes, int]:
-            mask = self.input.foreground(block.write_roi, self.config.thres_foreground)
-            labels, n = connected_components(mask, self.config.connectivity)
+            labels, n = connected_components(self._block_mask(block.write_roi), self.config.connectivity)
             result = BlockResult.from_labels(labels, n, block.write_roi.offset, self.input.shape)
             buffer = io.BytesIO()
             np.savez_compressed(buffer, **result.to_npz_dict())
@@ -529,7 +577,8 @@ class _LabelTask:
         with Lease(self.store, self.spec.run_id, "merge", f"the label merge of {self.store.shown}"):
             steps = BlockSteps(compute=lambda _b, _d: self._merge_tables(), write=self._write_merge)
             self._run("merge", [_single_block()], steps, 0, 1, overwrite, "label merge")
-        self._set_merge_summary(self.store.markers(self.spec.run_id, "merge").read(0))
+        if not self.instances:  # a seeded mode's object count is known after the sizes phase
+            self._set_merge_summary(self.store.markers(self.spec.run_id, "merge").read(0))
 
     def _merge_tables(self) -> Any:
         sizes, firsts, pairs = [], [], []
@@ -564,10 +613,12 @@ class _LabelTask:
             upper_cache[i] = result
             while upper_cache and next(iter(upper_cache)) < i - reach:
                 upper_cache.popitem(last=False)
-        table = global_table(sizes, firsts, pairs, self.config.thres_small_instances)
-        log.info("label merge: %d provisional labels, %d equivalences, %d objects kept, %d removed "
+        # seeded modes number seeds here: small seeds go, small grown objects go after growing
+        min_size = self.settings.thres_small_seeds if self.instances else self.config.thres_small_instances
+        table = global_table(sizes, firsts, pairs, min_size)
+        log.info("label merge: %d provisional labels, %d equivalences, %d %s kept, %d removed "
                  "(< %d voxels)", int(table.offsets[-1]), sum(len(p) for p in pairs),
-                 table.num_objects, table.num_removed, self.config.thres_small_instances)
+                 table.num_objects, "seeds" if self.instances else "objects", table.num_removed, min_size)
         return table
 
     def _write_merge(self, _block: Block, table: Any) -> dict:
@@ -580,10 +631,149 @@ class _LabelTask:
 
         with ThreadPoolExecutor(SMALL_FILE_THREADS) as pool:
             list(pool.map(write_map, range(self.grid.num_blocks)))
-        if not self.tiff:
+        if self.instances:
+            for name in ("seeds", "grow"):  # created here by the one merge process, as the output
+                storage.create_array(self._ids_url(name), self.input.shape, dtype, self.config.chunk_size,
+                                     overwrite=True, storage_options=self.options)
+        elif not self.tiff:
             self._create_output(dtype)
         return {"num_objects": table.num_objects, "num_removed": table.num_removed,
                 "dtype": str(dtype), "output_shape": list(self.out_shape)}
+
+    # -- seeds, grow, sizes (the seeded modes) --------------------------------------------
+
+    def _ids_url(self, phase: str) -> str:
+        """The intermediate id volume a seeded phase writes (seed ids, grown ids)."""
+        return self.url(phase, "ids")
+
+    def _grow_counts(self, i: int) -> str:
+        return self.url("grow", "counts", f"{i}.npz")
+
+    def _require_instances(self, phase: str) -> None:
+        if not self.instances:
+            raise PhaseError(f"phase {phase!r} belongs to the seeded instance modes (contour, distance); this "
+                             f"config's instance_mode resolves to {self.mode!r}, whose phases are blocks, merge, "
+                             "relabel, clean")
+
+    def _open_ids(self, phase: str, mode: str) -> Any:
+        arr = storage.open_array(self._ids_url(phase), self.options, mode=mode)
+        if tuple(arr.shape) != tuple(self.input.shape):
+            raise StorageError(f"{storage.redact_url(self._ids_url(phase))!r} is {list(arr.shape)}, expected "
+                               f"{list(self.input.shape)}; rerun --phase merge with --overwrite")
+        return arr
+
+    def run_seeds(self, shard_index: int, num_shards: int, overwrite: bool, wait_timeout: float) -> None:
+        """Write each block's global seed ids (its seeds, numbered by the merge's tables)."""
+        self._require_instances("seeds")
+        merge = self.store.markers(self.spec.run_id, "merge")
+        self.wait_for(lambda: [] if merge.is_done(0) else ["the merge marker"], wait_timeout,
+                      f"the label merge of run {self.spec.run_id} at {self.store.shown}",
+                      "run `catena-mito label --phase merge` first")
+        dtype = np.dtype(merge.read(0)["dtype"])
+        out = self._open_ids("seeds", "r+")
+        self._maps = OrderedDict()
+
+        def compute(block: Block, _: Any) -> np.ndarray:
+            table = self._map(block.index)
+            if not table.any():  # no kept seed here: skip reading the inputs
+                return np.zeros(block.write_roi.shape, dtype)
+            return table[self._source_labels(block, table)]
+
+        def write(block: Block, data: np.ndarray) -> None:
+            out[block.write_roi.to_slices()] = data
+
+        self._run("seeds", self.grid.blocks(), BlockSteps(compute=compute, write=write, parallel=True),
+                  shard_index, num_shards, overwrite, f"label seeds {shard_index}/{num_shards}")
+
+    def run_grow(self, shard_index: int, num_shards: int, overwrite: bool, wait_timeout: float) -> None:
+        """Grow the seeds into the foreground; each block reads a halo of ``grow_distance``."""
+        self._require_instances("grow")
+        markers = self.store.markers(self.spec.run_id, "seeds")
+        indices = range(self.grid.num_blocks)
+        self.wait_for(lambda: [f"block {i}" for i in markers.missing(indices)], wait_timeout,
+                      f"the label seeds phase of run {self.spec.run_id} at {self.store.shown}",
+                      "run `catena-mito label --phase seeds` for every shard first")
+        seeds = self._open_ids("seeds", "r")
+        out = self._open_ids("grow", "r+")
+        distance = self.settings.grow_distance
+        volume = self.grid.volume_roi
+
+        def compute(block: Block, _: Any) -> tuple[np.ndarray, bytes]:
+            roi = block.write_roi
+            region = roi.grow(distance).intersect(volume)
+            ids = np.asarray(seeds[region.to_slices()])
+            if ids.any():
+                mask = self.input.foreground(region, self.config.thres_foreground)
+                grown = grow(ids, mask, self.config.connectivity, distance)[roi.to_slices(region)]
+            else:
+                grown = np.zeros(roi.shape, ids.dtype)
+            import fastremap
+
+            uniq, counts = fastremap.unique(grown, return_counts=True)
+            keep = uniq != 0
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, ids=np.asarray(uniq[keep], np.int64),
+                                counts=np.asarray(counts[keep], np.int64))
+            return np.ascontiguousarray(grown), buffer.getvalue()
+
+        def write(block: Block, result: tuple[np.ndarray, bytes]) -> None:
+            out[block.write_roi.to_slices()] = result[0]
+            storage.write_bytes(self._grow_counts(block.index), result[1], self.options)
+
+        self._run("grow", self.grid.blocks(), BlockSteps(compute=compute, write=write, parallel=True),
+                  shard_index, num_shards, overwrite, f"label grow {shard_index}/{num_shards}")
+
+    def run_sizes(self, overwrite: bool, wait_timeout: float) -> None:
+        """Global sizes of the grown objects; small ones removed; final ids by seed id."""
+        self._require_instances("sizes")
+        markers = self.store.markers(self.spec.run_id, "grow")
+        indices = range(self.grid.num_blocks)
+        self.wait_for(lambda: [f"block {i}" for i in markers.missing(indices)], wait_timeout,
+                      f"the label grow phase of run {self.spec.run_id} at {self.store.shown}",
+                      "run `catena-mito label --phase grow` for every shard first")
+        num_seeds = int(self.store.markers(self.spec.run_id, "merge").read(0)["num_objects"])
+        with Lease(self.store, self.spec.run_id, "sizes", f"the label sizes of {self.store.shown}"):
+            steps = BlockSteps(compute=lambda _b, _d: self._size_table(num_seeds), write=self._write_sizes)
+            self._run("sizes", [_single_block()], steps, 0, 1, overwrite, "label sizes")
+        self._set_merge_summary(self.store.markers(self.spec.run_id, "sizes").read(0))
+
+    def _load_counts(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        data = storage.read_bytes(self._grow_counts(i), self.options)
+        with _NPY_HEADER_LOCK, np.load(io.BytesIO(data)) as npz:
+            return np.asarray(npz["ids"], np.int64), np.asarray(npz["counts"], np.int64)
+
+    def _size_table(self, num_seeds: int) -> tuple[np.ndarray, int]:
+        """``table[seed id] = final id`` (0 = removed), and the number of removed objects."""
+        total = np.zeros(num_seeds + 1, np.int64)
+        for ids, counts in _ordered_prefetch(self._load_counts, list(range(self.grid.num_blocks)),
+                                             SMALL_FILE_THREADS):
+            if len(ids) and int(ids.max()) > num_seeds:
+                raise DataError(f"grown ids up to {int(ids.max())} but the merge numbered {num_seeds} seeds; "
+                                "rerun every phase with --overwrite")
+            np.add.at(total, ids, counts)
+        keep = total >= self.config.thres_small_instances
+        keep[0] = False
+        kept = int(keep.sum())
+        table = np.zeros(num_seeds + 1, _final_dtype(kept))
+        table[keep] = np.arange(1, kept + 1, dtype=table.dtype)  # in seed-id order
+        log.info("label sizes: %d seeds grown, %d objects kept, %d removed (< %d voxels)", num_seeds, kept,
+                 num_seeds - kept, self.config.thres_small_instances)
+        return table, num_seeds - kept
+
+    def _write_sizes(self, _block: Block, result: tuple[np.ndarray, int]) -> dict:
+        table, removed = result
+        buffer = io.BytesIO()
+        np.save(buffer, table)
+        storage.write_bytes(self.url("sizes", "table.npy"), buffer.getvalue(), self.options)
+        kept = int(table.max()) if table.size else 0
+        if not self.tiff:
+            self._create_output(table.dtype)
+        return {"num_objects": kept, "num_removed": removed, "num_seeds": len(table) - 1,
+                "dtype": str(table.dtype), "output_shape": list(self.out_shape)}
+
+    def _final_info(self) -> dict[str, Any]:
+        """The marker of the phase that fixed the final ids: sizes (seeded modes) or merge."""
+        return self.store.markers(self.spec.run_id, "sizes" if self.instances else "merge").read(0)
 
     def _set_merge_summary(self, info: Mapping[str, Any]) -> None:
         self.summary.num_objects = int(info["num_objects"])
@@ -602,6 +792,8 @@ class _LabelTask:
             "connectivity": self.config.connectivity,
             "scale_factors": list(self.config.scale_factors),
         }}
+        if self.instances:
+            attrs["catena_label"]["instances"] = self.settings.description()
         if not self.tiff:
             attrs[RUN_ATTR] = {"task": "label", "run_id": self.spec.run_id,
                                "record": relative_url(self.output_url, self.work_url)}
@@ -619,14 +811,18 @@ class _LabelTask:
         if self.tiff and num_shards != 1:
             raise ShardError(f"output_format 'tiff' is written by one process: relabel needs "
                              f"--num-shards 1, got {num_shards} (use output_format: zarr to shard)")
-        merge = self.store.markers(self.spec.run_id, "merge")
-        self.wait_for(lambda: [] if merge.is_done(0) else ["the merge marker"], wait_timeout,
-                  f"the label merge of run {self.spec.run_id} at {self.store.shown}",
-                  "run `catena-mito label --phase merge` first")
+        # the final ids were fixed by the merge (connected components) or the sizes phase
+        last = "sizes" if self.instances else "merge"
+        merge = self.store.markers(self.spec.run_id, last)
+        self.wait_for(lambda: [] if merge.is_done(0) else [f"the {last} marker"], wait_timeout,
+                  f"the label {last} of run {self.spec.run_id} at {self.store.shown}",
+                  f"run `catena-mito label --phase {last}` first")
         info = merge.read(0)
         self._set_merge_summary(info)
         dtype = np.dtype(info["dtype"])
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._sizes: np.ndarray | None = None
+        self._grown: Any = self._open_ids("grow", "r") if self.instances else None
         if self.tiff:
             self._relabel_tiff(dtype, overwrite)
             return
@@ -670,7 +866,7 @@ class _LabelTask:
             storage.write_tiff(self.output_url, volume, attrs["resolution"], attrs["offset"], self.options)
 
         self._run("relabel", [_single_block()], BlockSteps(compute=compute, write=write), 0, 1, overwrite,
-                  "label relabel (tiff)", merge_info=self.store.markers(self.spec.run_id, "merge").read(0))
+                  "label relabel (tiff)", merge_info=self._final_info())
 
     def _map(self, index: int) -> np.ndarray:
         table = self._maps.get(index)
@@ -685,25 +881,43 @@ class _LabelTask:
 
     def _source_labels(self, block: Block, table: np.ndarray) -> np.ndarray:
         """Block ``block``'s provisional labels, recomputed exactly as in the blocks phase."""
-        mask = self.input.foreground(block.write_roi, self.config.thres_foreground)
-        labels, n = connected_components(mask, self.config.connectivity)
+        labels, n = connected_components(self._block_mask(block.write_roi), self.config.connectivity)
         if n != len(table) - 1:
             raise DataError(
-                f"input_prediction_path {self.input.shown!r} changed since the blocks phase: "
+                f"input_prediction_path {self.input.shown!r}"
+                + (f" or input_contour_path {self.contour.shown!r}" if self.contour is not None else "")
+                + " changed since the blocks phase: "
                 f"block {block.index} now has {n} components, {len(table) - 1} before; "
                 "rerun every phase with --overwrite"
             )
         return labels
+
+    def _final_block(self, block: Block, dtype: np.dtype) -> np.ndarray | None:
+        """Final ids of input block ``block`` (None: no kept object there, nothing was read)."""
+        if self.instances:
+            if self._sizes is None:
+                data = storage.read_bytes(self.url("sizes", "table.npy"), self.options)
+                with _NPY_HEADER_LOCK:
+                    self._sizes = np.load(io.BytesIO(data)).astype(dtype, copy=False)
+            if not self._sizes.any():
+                return None
+            grown = np.asarray(self._grown[block.write_roi.to_slices()])
+            if grown.size and int(grown.max()) >= len(self._sizes):
+                raise DataError(f"grown ids of block {block.index} exceed the {len(self._sizes) - 1} seeds "
+                                "of the sizes table; rerun every phase with --overwrite")
+            return self._sizes[grown]
+        table = self._map(block.index)
+        if not table.any():  # no kept object here: skip reading the input
+            return None
+        return table[self._source_labels(block, table)]
 
     def _relabel_block(self, roi: Roi, dtype: np.dtype) -> np.ndarray:
         """Final labels of the output region ``roi`` (output voxels, z y x)."""
         if not self.scaled:
             block = self.grid.block_at([b // c for b, c in zip(roi.begin, self.config.chunk_size)])
             assert block is not None and block.write_roi == roi
-            table = self._map(block.index)
-            if not table.any():  # no kept object here: skip reading the input
-                return np.zeros(roi.shape, dtype)
-            return table[self._source_labels(block, table)]
+            final = self._final_block(block, dtype)
+            return np.zeros(roi.shape, dtype) if final is None else final
         src = [source_indices(b, e, f, s) for b, e, f, s in
                zip(roi.begin, roi.end, self.config.scale_factors, self.input.shape)]
         out = np.zeros(roi.shape, dtype)
@@ -713,18 +927,16 @@ class _LabelTask:
             for gy in range(first_pos[1], last_pos[1] + 1):
                 for gx in range(first_pos[2], last_pos[2] + 1):
                     block = self.grid.block_at((gz, gy, gx))
-                    table = self._map(block.index)
-                    if not table.any():
-                        continue
                     b0, b1 = block.write_roi.begin, block.write_roi.end
                     # source indices are sorted: each block holds one contiguous run of them
                     runs = [slice(int(np.searchsorted(ix, lo)), int(np.searchsorted(ix, hi)))
                             for ix, lo, hi in zip(src, b0, b1)]
                     if any(r.stop <= r.start for r in runs):
                         continue
-                    labels = self._source_labels(block, table)
-                    sub = labels[np.ix_(*(ix[r] - lo for ix, r, lo in zip(src, runs, b0)))]
-                    out[tuple(runs)] = table[sub]
+                    final = self._final_block(block, dtype)
+                    if final is None:
+                        continue
+                    out[tuple(runs)] = final[np.ix_(*(ix[r] - lo for ix, r, lo in zip(src, runs, b0)))]
         return out
 
     # -- clean ----------------------------------------------------------------------------
@@ -741,11 +953,11 @@ class _LabelTask:
             if missing:
                 raise PhaseError(f"the label relabel phase is not complete: {len(missing)} of "
                                  f"{total} blocks missing (first: {missing[:5]}); run it first")
-            self._complete_if_done(merge.read(0))
+            self._complete_if_done(self._final_info())
         with Lease(self.store, self.spec.run_id, "clean", f"the label clean of {self.store.shown}"):
             record = self.store.read_complete(self.spec.run_id) or {}
             # complete.json stays (and run.json): consumers and `status` read them
-            for part in ("blocks", "merge", "relabel"):
+            for part, _ in self.spec.phases:
                 storage.remove(self.url(part), self.options)
         self._set_merge_summary(record)
         log.info("label: cleaned the intermediate files under %s", storage.redact_url(self.work_url))
@@ -775,6 +987,8 @@ class _LabelTask:
             "peak_memory_bytes_per_worker": int(self.threads * block_voxels * (itemsize + 1 + 4 + 4)),
             "output_bytes_at_least": int(math.prod(self.out_shape)) * 4,
             "output_state": state,
+            "instance_mode": self.mode,
+            "phases": [p for p, _ in self.spec.phases],
         }
 
 
@@ -792,6 +1006,7 @@ def format_plan(plan: Mapping[str, Any]) -> str:
         f"per shard {per_shard[0]}",
         f"  memory      about {format_bytes(plan['peak_memory_bytes_per_worker'])} per worker "
         f"({plan['threads']} blocks in flight)",
+        f"  instances   {plan['instance_mode']}: phases {', '.join(plan['phases'])}",
         f"  output now  {plan['output_state']}",
     ])
 
@@ -828,10 +1043,12 @@ def label(
             f"--phase all runs every block in one process: --num-shards must be 1, got {num_shards} "
             "(shard --phase blocks and --phase relabel instead)"
         )
-    if phase in ("merge", "clean"):  # one process: a shard count from the environment is moot
+    if phase in ("merge", "sizes", "clean"):  # one process: a shard count from the environment is moot
         shard_index, num_shards = 0, 1
     threads = num_threads or default_threads()
     task = _LabelTask(config, threads, allow_incomplete)
+    if phase in INSTANCE_PHASES:
+        task._require_instances(phase)  # before claiming or saving anything
     task.summary.phase = phase
     if dry_run:
         task.summary.plan = task.plan(shard_index, num_shards)
@@ -846,14 +1063,30 @@ def label(
     started = time.perf_counter()
     if phase == "all":
         with Lease(task.store, task.spec.run_id, "all", f"label --phase all of {task.store.shown}"):
+            if overwrite:
+                # every phase is recomputed: drop their markers now, or the markers of later
+                # phases left by an earlier run of single phases would let the run count as
+                # complete (without its object counts) as soon as the first phase is done
+                for name, _ in task.spec.phases:
+                    storage.remove(task.url(name, "done"), task.options)
             task.run_blocks(0, 1, overwrite)
             task.run_merge(overwrite, wait_timeout)
+            if task.instances:
+                task.run_seeds(0, 1, overwrite, wait_timeout)
+                task.run_grow(0, 1, overwrite, wait_timeout)
+                task.run_sizes(overwrite, wait_timeout)
             task.run_relabel(0, 1, overwrite, wait_timeout)
             task.run_clean()
     elif phase == "blocks":
         task.run_blocks(shard_index, num_shards, overwrite)
     elif phase == "merge":
         task.run_merge(overwrite, wait_timeout)
+    elif phase == "seeds":
+        task.run_seeds(shard_index, num_shards, overwrite, wait_timeout)
+    elif phase == "grow":
+        task.run_grow(shard_index, num_shards, overwrite, wait_timeout)
+    elif phase == "sizes":
+        task.run_sizes(overwrite, wait_timeout)
     elif phase == "relabel":
         task.run_relabel(shard_index, num_shards, overwrite, wait_timeout)
     else:
