@@ -13,6 +13,11 @@ A checkpoint is a dict (format version 1)::
     best_metric     float or None
     config          the resolved training config as a plain dict (secrets already redacted)
     rng             optional: torch / CUDA / numpy / python RNG states, as tensors and ints
+    targets         optional: what the model predicts, one name per target in channel order
+                    (catena_mito.targets); missing in older checkpoints, which are
+                    single-target foreground models (2-channel softmax)
+    contour_width   optional: the contour target's width (voxels at the training
+                    resolution), with the ``contour`` target
 
 Everything in it is a plain type (dict, list, tuple, str, int, float, bool, None) or a
 tensor, because :func:`load_checkpoint` never unpickles anything else: a checkpoint that
@@ -37,7 +42,7 @@ import re
 import tempfile
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -48,7 +53,7 @@ from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
 from catena_mito import __version__
-from catena_mito.errors import CatenaError, CheckpointError, StorageError
+from catena_mito.errors import CatenaError, CheckpointError, ConfigError, StorageError
 from catena_mito.storage import redact_url, resolve_storage_options
 
 log = logging.getLogger(__name__)
@@ -83,13 +88,22 @@ def make_payload(
     best_metric: float | None = None,
     config: Mapping[str, Any] | None = None,
     rng: Mapping[str, Any] | None = None,
+    targets: Sequence[str] | None = None,
+    contour_width: int | None = None,
 ) -> dict[str, Any]:
     """Assemble a checkpoint dict; ``model_params`` are completed with the model's defaults.
 
     ``best_metric`` is converted to a Python float (numpy scalars would not load under
     ``weights_only``). ``config`` must already be a plain dict without secrets.
+    ``targets`` (default: the foreground alone) are recorded in channel order, with
+    ``contour_width`` when they include the contour.
+
+    Raises:
+        CheckpointError: the model's output channels do not fit ``targets``, or the contour
+        target comes without its width.
     """
     from catena_mito.models import resolve_model_params
+    from catena_mito.targets import CONTOUR, DEFAULT_TARGETS, validate_targets
 
     payload: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -105,7 +119,31 @@ def make_payload(
     }
     if rng is not None:
         payload["rng"] = dict(rng)
+    try:
+        names = validate_targets(targets if targets is not None else DEFAULT_TARGETS)
+    except ConfigError as e:
+        raise CheckpointError(f"cannot save checkpoint: {e}") from e
+    payload["targets"] = list(names)
+    if CONTOUR in names:
+        if contour_width is None:
+            raise CheckpointError("cannot save checkpoint: the contour target needs its contour_width")
+        payload["contour_width"] = int(contour_width)
+    _check_channels(payload, "cannot save checkpoint")
     return payload
+
+
+def _check_channels(ckpt: Mapping[str, Any], what: str) -> None:
+    """The model's ``out_channels`` must fit the checkpoint's targets (2 or 1 for one)."""
+    from catena_mito.targets import checkpoint_targets, out_channels
+
+    targets = checkpoint_targets(ckpt)
+    channels = ckpt["model_params"].get("out_channels")
+    fits = channels in (1, 2) if len(targets) == 1 else channels == out_channels(targets)
+    if channels is not None and not fits:
+        raise CheckpointError(
+            f"{what}: the model has {channels} output channels, which does not fit targets "
+            f"{list(targets)} (expected {out_channels(targets)})"
+        )
 
 
 def _type_name(value: Any) -> str:
@@ -509,6 +547,9 @@ def build_model_from_checkpoint(ckpt: Mapping[str, Any]) -> nn.Module:
         if key not in ckpt:
             raise CheckpointError(f"checkpoint is missing required key: {key}")
     model_type = ckpt["model_type"]
+    # Before building: a checkpoint whose targets and channels disagree would predict the
+    # wrong thing under the right name.
+    _check_channels(ckpt, "checkpoint is inconsistent")
     try:
         model = build_model(model_type, **dict(ckpt["model_params"]))
     except ConfigError as e:

@@ -204,19 +204,23 @@ def label(config_path: str, overrides: tuple[str, ...], shard_index: int | None,
 @click.option("--iou", "iou_thresholds", type=float, multiple=True, default=(0.5, 0.75), show_default=True, help="IoU thresholds for instance matching. Repeatable.")
 @click.option("--json", "json_url", metavar="OUT_URL", default=None, help="Also write the scores as JSON here (any fsspec URL).")
 @click.option("--block-shape", nargs=3, type=int, default=None, help="Block read at a time, Z Y X voxels (default ~128^3 in whole chunks).")
+@click.option("--instance-modes", "instance_modes", type=click.Choice(["auto", "connected_components", "contour"]), multiple=True, help="Also make instances from the prediction in these label modes (auto: every mode that can run; contour needs <prediction>_contour) and score each; the whole volume in memory. Repeatable.")
+@click.option("--label-config", "label_config", metavar="YAML", default=None, help="With --instance-modes: take the instance settings (thresholds, sizes, growth) from this label config; default: label's defaults.")
 @_allow_incomplete_option
-def evaluate(gt: str, prediction: str | None, instances: str | None, threshold: float, iou_thresholds: tuple[float, ...], json_url: str | None, block_shape: tuple[int, int, int] | None, allow_incomplete: bool) -> None:
+def evaluate(gt: str, prediction: str | None, instances: str | None, threshold: float, iou_thresholds: tuple[float, ...], json_url: str | None, block_shape: tuple[int, int, int] | None, instance_modes: tuple[str, ...], label_config: str | None, allow_incomplete: bool) -> None:
     """Score probabilities (Dice/IoU) and instances (precision, recall, F1, AP) against ground truth.
 
-    Reads block by block, so volumes of any size fit. AP at IoU t is TP / (TP + FP + FN)
+    Reads block by block, so volumes of any size fit (--instance-modes excepted). AP at IoU t is TP / (TP + FP + FN)
     with optimal one-to-one matching (StarDist/Cellpose convention, exact at any t in (0, 1]);
     mean AP averages t = 0.50:0.05:0.95. Also the MitoEM challenge's AP-75 and COCO's mAP
     (predictions ranked by size).
     """
     from catena_mito.evaluate import evaluate as run
-    from catena_mito.evaluate import format_report, write_report
+    from catena_mito.evaluate import format_report, instance_settings_of, write_report
 
-    report = run(gt, prediction, instances, threshold=threshold, iou_thresholds=iou_thresholds, block_shape=block_shape, progress=_bars(), allow_incomplete=allow_incomplete)
+    settings = instance_settings_of(_load("LabelConfig", label_config, ())) if label_config else None
+    modes = "auto" if "auto" in instance_modes else list(instance_modes)
+    report = run(gt, prediction, instances, threshold=threshold, iou_thresholds=iou_thresholds, block_shape=block_shape, progress=_bars(), allow_incomplete=allow_incomplete, instance_modes=modes or None, label_settings=settings)
     click.echo(format_report(report))
     if json_url:
         write_report(report, json_url)

@@ -134,6 +134,9 @@ class TrainConfig(JobConfig, _PatchFields):
     loss_type: Literal["DiceLoss", "DiceCE"] = Field("DiceCE", description="`DiceCE`: foreground Dice (pooled over the batch) + class-weighted cross-entropy, summed; `DiceLoss`: the Dice term alone. The Dice term is over the foreground classes only unless `dice_include_background`.")
     loss_weights: Annotated[float, Field(gt=0)] | list[Annotated[float, Field(ge=0)]] | None = Field(None, description="Class imbalance: one number is the foreground factor (5.0 = a foreground voxel counts 5 times a background one, as in Catena), a list gives one weight per class `[background, foreground]`. Weights the cross-entropy, and the per-class Dice terms when `dice_include_background`.")
     dice_include_background: bool = Field(False, description="Beyond the design. Also average the background class into the Dice term (MONAI's default; an all-background patch then scores Dice loss 0.5 even when predicted perfectly).")
+    targets: list[Literal["foreground", "contour"]] = Field(["foreground"], min_length=1, description="Beyond the design. What the model learns, one output channel each: `foreground` (always) and optionally `contour`, the rim of each instance where it meets background or another instance (`contour_width` voxels wide), derived from the instance ids of `volumes/labels/mito_ids`, which `label`'s contour mode uses to split touching mitochondria. One target keeps the 2-channel softmax model; several targets have one sigmoid channel each, each trained with binary cross-entropy (`DiceCE`) plus its own batch Dice. The checkpoint records its targets; predict writes one probability array per target.")
+    contour_width: int = Field(1, ge=1, description="Beyond the design. With the `contour` target: a foreground voxel is contour when another id (background or another instance) lies within this many voxels (chessboard distance, at the training resolution). Derived once from the whole label volume, so patch edges get no false contour; a volume edge is no contour.")
+    contour_pos_weight: Annotated[float, Field(gt=0)] | None = Field(None, description="Beyond the design. With the `contour` target and `DiceCE`: weight of a contour voxel in the contour channel's cross-entropy (background voxels weigh 1). Default: balanced per batch as pytorch_connectomics' `weight_binary_ratio` does, (1 - r) / r for a contour fraction r clipped to [0.05, 0.95] (so at most 19), because the thin contour is a few per cent of the voxels.")
     dice_batch: bool = Field(True, description="Beyond the design. Pool the Dice counts over the whole batch (nnU-Net's batch Dice) instead of averaging per-patch Dice: a patch without foreground then adds its false positives instead of an undefined per-patch Dice.")
     rotation_augs: bool = Field(True, description="Random in-plane 90-degree rotations and flips.")
     contrast_augs: bool = Field(True, description="Random contrast/intensity augmentations (MONAI).")
@@ -159,6 +162,31 @@ class TrainConfig(JobConfig, _PatchFields):
         if isinstance(v, bool):
             raise ValueError("expected a number (foreground factor) or a list [background, foreground]")
         return v
+
+    @field_validator("targets", mode="after")
+    @classmethod
+    def _canonical_targets(cls, v: list[str]) -> list[str]:
+        from catena_mito.targets import validate_targets
+
+        try:
+            return list(validate_targets(v))
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+    @model_validator(mode="after")
+    def _target_fields(self):
+        multi = len(self.targets) > 1
+        if "contour" in self.targets and self.label_type != "mito":
+            raise ValueError(f"targets: the contour target is made from mitochondria instance ids; it needs label_type 'mito', not {self.label_type!r}")
+        if multi and self.dice_include_background:
+            raise ValueError("dice_include_background applies to the single-target softmax model; with several targets each sigmoid channel has a Dice of its positive class only (set dice_include_background: false)")
+        if multi and "out_channels" in self.model_params and self.model_params["out_channels"] != len(self.targets):
+            raise ValueError(f"model_params.out_channels {self.model_params['out_channels']!r} does not fit targets {self.targets} (one channel per target: {len(self.targets)}); leave it out, the targets set it")
+        if "contour_width" in self.model_fields_set and "contour" not in self.targets:
+            raise ValueError("contour_width sets the width of the contour target: it needs 'contour' in targets")
+        if self.contour_pos_weight is not None and ("contour" not in self.targets or self.loss_type != "DiceCE"):
+            raise ValueError("contour_pos_weight weights the contour channel's cross-entropy: it needs targets with 'contour' and loss_type DiceCE")
+        return self
 
     @model_validator(mode="after")
     def _strict_needs_model_loc(self):

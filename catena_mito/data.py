@@ -45,7 +45,17 @@ How a training run gets its patches
    patches have unequal weights (balancing), an epoch draws as many patches *with
    replacement*, each with probability proportional to its weight (so with weight 0.25
    and as many negative as positive patches, one draw in five is negative).
-7. **Augment** (:class:`Augmenter`), per draw, from a random generator seeded by
+7. **Targets** (``targets``). ``foreground`` is the binary label of step 3. ``contour``
+   (:func:`catena_mito.targets.instance_contour`) is derived once per dataset from the
+   whole instance-id volume at the training resolution, never per patch: a patch cut
+   from the volume has no neighbours beyond its edge, so a per-patch derivation would
+   miss the rim of an object that continues outside the patch or invent one where the
+   patch cuts through it. The patch's targets travel through the augmentation as one
+   label array (foreground in bit 0, contour in bit 1), so every geometric change made to
+   the label (rotation, flips, elastic warp, misalignment) is made to the contour
+   identically, with the same random numbers; for the exact permutations (rotations and
+   flips) this equals deriving the contour from the transformed labels.
+8. **Augment** (:class:`Augmenter`), per draw, from a random generator seeded by
    ``(seed, epoch, draw)``, so a run is reproducible whatever ``num_workers`` is and a
    resumed run draws what the uninterrupted run would have drawn. Besides rotations,
    flips and intensity changes, EM-specific defects can be simulated, each with its own
@@ -136,6 +146,9 @@ class TrainingVolume:
     #: Instance ids (z, y, x) for the instance F1 of validation, when kept and meaningful
     #: (``label_type: mito`` with instance labels, not a binary mask).
     ids: np.ndarray | None = None
+    #: The contour target (bool, z, y, x) of the whole volume, when asked for
+    #: (:func:`catena_mito.targets.instance_contour` of the ids at this resolution).
+    contour: np.ndarray | None = None
 
     @property
     def shape(self) -> Coord:
@@ -174,11 +187,14 @@ def read_training_volume(
     clahe: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     keep_ids: bool = False,
+    contour_width: int | None = None,
 ) -> TrainingVolume:
     """Read ``volumes/raw`` and the ``label_type`` labels of the dataset at ``url`` once.
 
     ``keep_ids``: also keep the instance ids (``label_type: mito`` and labels with more
     than one id value only; a binary mask holds no instances) for instance metrics.
+    ``contour_width``: also derive the contour target of the whole volume (voxels at the
+    training resolution; ``label_type: mito`` only).
 
     Raises:
         StorageError: an array is missing or unreadable (the message names its URL).
@@ -216,8 +232,15 @@ def read_training_volume(
     if label.shape != raw.shape:  # resampling both the same way should make this impossible
         raise DataError(f"{shown}: resampled raw {raw.shape} and labels {label.shape} differ")
     keep = keep_ids and label_type == "mito" and ids.size and int(ids.max()) > 1
+    contour = None
+    if contour_width is not None:
+        from catena_mito.targets import instance_contour
+
+        if label_type != "mito":
+            raise ConfigError(f"the contour target needs mitochondria instance ids (label_type 'mito'), not {label_type!r}")
+        contour = instance_contour(ids, contour_width)
     return TrainingVolume(url=shown, raw=raw, label=label, resolution=resolution,  # type: ignore[arg-type]
-                          ids=ids if keep else None)
+                          ids=ids if keep else None, contour=contour)
 
 
 class VolumeCache:
@@ -236,8 +259,11 @@ class VolumeCache:
         clahe: bool = False,
         storage_options: Mapping[str, Any] | None = None,
         keep_ids_for: Sequence[str] = (),
+        contour_width: int | None = None,
     ) -> None:
         self.label_type = label_type
+        #: Derive the contour target of every volume read (None: no contour target).
+        self.contour_width = contour_width
         #: Datasets (validation) whose instance ids are kept (see read_training_volume).
         self.keep_ids_for = {u.rstrip("/") for u in keep_ids_for}
         self.original_res = original_res
@@ -255,6 +281,7 @@ class VolumeCache:
                 url, self.label_type, original_res=self.original_res,
                 target_res=self.target_res, clahe=self.clahe,
                 storage_options=self.storage_options, keep_ids=key in self.keep_ids_for,
+                contour_width=self.contour_width,
             )
             self.reads += 1
         return self._volumes[key]
@@ -605,11 +632,39 @@ def elastic_deform(image: np.ndarray, label: np.ndarray, rng: np.random.Generato
 # --- the dataset ----------------------------------------------------------------------------
 
 
+#: Bit of each target in the packed label that goes through augmentation.
+_TARGET_BITS = {"foreground": 0, "contour": 1}
+
+
+def pack_targets(volume: TrainingVolume, sl: tuple[slice, ...], targets: Sequence[str]) -> np.ndarray:
+    """The targets of one patch as one uint8 label, target ``t`` in bit ``_TARGET_BITS[t]``.
+
+    One array, so the augmentation moves every target with the same transform; with the
+    foreground alone it is the plain {0, 1} label.
+    """
+    packed = np.array(volume.label[sl], dtype=np.uint8, copy=True)
+    for target in targets:
+        bit = _TARGET_BITS[target]
+        if bit == 0:
+            continue
+        if target == "contour":
+            if volume.contour is None:
+                raise ConfigError(f"{volume.url}: the contour target was asked for but not derived")
+            packed |= volume.contour[sl].astype(np.uint8) << bit
+    return packed
+
+
+def unpack_targets(packed: np.ndarray, targets: Sequence[str]) -> np.ndarray:
+    """``(T, z, y, x)`` uint8 {0, 1}, one channel per target, from :func:`pack_targets`."""
+    return np.stack([(packed >> _TARGET_BITS[t]) & 1 for t in targets]).astype(np.uint8)
+
+
 class PatchDataset(Dataset):
     """Patches of in-memory volumes, indexed by the keys :class:`EpochSampler` yields.
 
     An item is ``(image, label)``: ``image`` float32 ``(1, z, y, x)``, ``label`` uint8
-    ``(1, z, y, x)`` with values {0, 1}.
+    ``(T, z, y, x)`` with values {0, 1}, one channel per target of ``targets`` (default
+    the foreground alone, ``T = 1``).
     """
 
     def __init__(
@@ -619,7 +674,11 @@ class PatchDataset(Dataset):
         patch_size: Sequence[int],
         augmenter: Augmenter | None = None,
         seed: int = 0,
+        targets: Sequence[str] = ("foreground",),
     ) -> None:
+        from catena_mito.targets import validate_targets
+
+        self.targets = validate_targets(targets)
         self.volumes = list(volumes)
         self.patches = list(patches)
         self.patch_size = as_coord(patch_size, "patch_size")
@@ -637,10 +696,12 @@ class PatchDataset(Dataset):
         ref = self.patches[index]
         vol = self.volumes[ref.volume]
         sl = tuple(slice(s, s + p) for s, p in zip(ref.start, self.patch_size))
-        image, label = vol.raw[sl], vol.label[sl]
+        multi = len(self.targets) > 1
+        image = vol.raw[sl]
+        label = pack_targets(vol, sl, self.targets) if multi else vol.label[sl]
         if self.augmenter is not None:
             rng = np.random.default_rng([self.seed, epoch, draw])
             image, label = self.augmenter(image, label, rng)
         image = np.ascontiguousarray(image, dtype=np.float32)
-        label = np.ascontiguousarray(label)
-        return torch.from_numpy(image)[None], torch.from_numpy(label)[None]
+        label = unpack_targets(label, self.targets) if multi else np.ascontiguousarray(label)[None]
+        return torch.from_numpy(image)[None], torch.from_numpy(label)

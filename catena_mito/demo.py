@@ -3,7 +3,11 @@
 It runs exactly what a user runs on real data, through the same library functions the
 commands call: ``synth`` (a training and a held-out volume), ``train``, ``predict`` and
 ``label`` on the held-out volume, ``evaluate`` against its known mitochondria, and
-``preview`` images. Every output lands under one folder, with the configs it used, so a
+``preview`` images. The model learns two targets, the foreground and each mitochondrion's
+contour, and ``label`` uses its contour mode: seeds where the foreground is high and the
+contour low, grown into the foreground, so touching mitochondria come out as separate
+objects (pytorch_connectomics' MitoEM recipe). ``evaluate`` also scores the
+connected-components mode of the same prediction, for comparison. Every output lands under one folder, with the configs it used, so a
 user can rerun any step by hand (``catena-mito predict --config <out>/configs/predict.yaml``).
 
 Sizes are chosen to finish in a few minutes on 2 CPU cores; a GPU makes it faster.
@@ -48,6 +52,9 @@ class DemoSettings:
     steps_per_epoch: int = 40
     seed: int = 0
     model_type: str = "monai_unet"
+    #: What the model learns (catena_mito.targets) and how wide the contour is (voxels).
+    targets: tuple[str, ...] = ("foreground", "contour")
+    contour_width: int = 1
 
     @property
     def model_params(self) -> dict[str, Any]:
@@ -80,12 +87,34 @@ def train_config_data(settings: DemoSettings, train_url: str, test_url: str, run
         "learning_rate": 3e-3,
         "learning_rate_after_hotstart_50": 3e-4,
         "loss_type": "DiceCE",
+        "targets": list(settings.targets),
+        **({"contour_width": settings.contour_width} if "contour" in settings.targets else {}),
         "rotation_augs": True,
         # Both synthetic volumes share one acquisition model; contrast augmentation is for
         # real data and would slow convergence within a few hundred steps.
         "contrast_augs": False,
         "seed": settings.seed,
     }
+
+
+#: The demo's label settings: the contour mode's seeds and growth (voxels at 8 nm).
+DEMO_LABEL: dict[str, Any] = {
+    "thres_foreground": 0.5,
+    "thres_small_instances": 50,
+}
+DEMO_CONTOUR_LABEL: dict[str, Any] = {
+    "instance_mode": "contour",
+    "thres_seed": 0.8,
+    "thres_contour": 0.5,
+    "thres_small_seeds": 32,
+    "grow_distance": 8,
+}
+
+
+def label_settings(settings: DemoSettings) -> dict[str, Any]:
+    """The LabelConfig fields that decide the demo's instances."""
+    contour = "contour" in settings.targets
+    return {**DEMO_LABEL, **(DEMO_CONTOUR_LABEL if contour else {"instance_mode": "connected_components"})}
 
 
 def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -103,6 +132,7 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
     from catena_mito.preview import preview
     from catena_mito.pyramid import build_pyramid
     from catena_mito.synthetic import write_synthetic_dataset
+    from catena_mito.targets import prediction_url
     from catena_mito.train import train
 
     out = settings.out.rstrip("/")
@@ -155,8 +185,7 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
         "output_instance_dir": storage.join_url(test_url, "volumes/labels"),
         "output_filename": "mito_instances",
         "chunk_size": [32, 64, 64],
-        "thres_foreground": 0.5,
-        "thres_small_instances": 50,
+        **label_settings(settings),
         "pyramid_levels": 2,
     })
     label(load_config(LabelConfig, label_cfg_url), overwrite=True)
@@ -167,7 +196,14 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
 
     t0 = time.perf_counter()
     step("evaluate")
-    report = evaluate(test_url)
+    # The label output (contour mode) and, from the same prediction, every mode that can
+    # run with the demo's settings, so the two methods are compared on one volume.
+    modes_settings = {k: v for k, v in label_settings(settings).items() if k != "instance_mode"}
+    report = evaluate(
+        test_url, storage.join_url(test_url, storage.prediction_path("mito")),
+        storage.join_url(test_url, storage.INSTANCES_PATH),
+        instance_modes="auto", label_settings=modes_settings,
+    )
     report_url = storage.join_url(out, "evaluation.json")
     write_report(report, report_url)
     timings["evaluate"] = time.perf_counter() - t0
@@ -185,6 +221,8 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
             "test data": test_url,
             "run (checkpoints, metrics.jsonl, previews)": result.run_url,
             "probabilities": storage.join_url(test_url, storage.prediction_path("mito")),
+            **({"contour probabilities": prediction_url(storage.join_url(test_url, storage.prediction_path("mito")), "contour")}
+               if "contour" in settings.targets else {}),
             "instances": storage.join_url(test_url, storage.INSTANCES_PATH),
             "evaluation": report_url,
             "previews": pngs,

@@ -10,6 +10,16 @@ AP = TP / (TP + FP + FN), see :mod:`catena_mito.instance_metrics`).
 The volumes are read one block at a time (``block_shape`` voxels, z, y, x), so memory is
 a few blocks plus the contingency table, whatever the volume size. The result does not
 depend on the block shape.
+
+**Instance modes** (``instance_modes``): besides an instance volume written by ``label``,
+the prediction itself can be turned into instances in each of ``label``'s modes and each
+scored, to compare them without a ``label`` run per mode: ``connected_components`` always,
+``contour`` when a contour prediction lies beside the foreground
+(``<prediction>_contour``, :func:`catena_mito.targets.prediction_url`); ``auto`` = every
+mode that can run. This uses :func:`catena_mito.instances.instances_whole_volume`, which
+gives ``label``'s ids for the same settings (``label_settings``: the LabelConfig fields
+that decide instances, default LabelConfig's), on the whole volume in memory, so it is
+for crops up to :data:`MODES_MAX_VOXELS` voxels.
 """
 
 from __future__ import annotations
@@ -37,6 +47,11 @@ log = logging.getLogger(__name__)
 
 #: Default block edge (voxels); rounded up to whole chunks of the ground truth.
 DEFAULT_BLOCK_EDGE = 128
+#: Largest volume (voxels) whose instance modes are computed in memory (about 1.5 GB
+#: working memory: two probability volumes, the ids and the growth's scratch).
+MODES_MAX_VOXELS = 2**27
+#: The instance modes evaluate can run from a prediction (``auto``: those that can).
+INSTANCE_MODES = ("connected_components", "contour")
 
 
 def resolve_gt(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, str | None]:
@@ -106,6 +121,8 @@ def evaluate(
     storage_options: Mapping[str, Any] | None = None,
     progress: bool = False,
     allow_incomplete: bool = False,
+    instance_modes: Sequence[str] | str | None = None,
+    label_settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score ``prediction`` and/or ``instances`` against ``gt``; returns a JSON-able report.
 
@@ -115,6 +132,8 @@ def evaluate(
     is in voxels (z, y, x); default: about 128³ rounded up to whole ground-truth chunks.
     A prediction or instance volume written by catena-mito that is incomplete or stale is
     refused (:class:`~catena_mito.errors.IncompleteInputError`) unless ``allow_incomplete``.
+    ``instance_modes``: ``"auto"`` or a list of modes to decode from the prediction and
+    score (see the module docstring), with ``label_settings`` (LabelConfig fields).
     """
     check_options(threshold, iou_thresholds)
     gt_url, dataset = resolve_gt(gt, storage_options)
@@ -153,6 +172,8 @@ def evaluate(
         if not np.issubdtype(inst_arr.dtype, np.integer):
             raise DataError(f"instances {storage.redact_url(instances)!r} have dtype {inst_arr.dtype}, expected integer ids")
 
+    # Checked before any block is read: a bad mode or setting costs nothing.
+    modes = resolve_instance_modes(instance_modes, prediction, gt_arr, label_settings, storage_options)
     shape = as_coord(block_shape, "--block-shape") if block_shape is not None else _default_block_shape(gt_arr.chunks)
     grid = BlockGrid(tuple(gt_arr.shape), shape)
     semantic = SemanticCounts() if pred_arr is not None else None
@@ -177,6 +198,9 @@ def evaluate(
     }
     if semantic is not None:
         report["semantic"] = {"prediction": storage.redact_url(prediction), "threshold": threshold, **semantic.scores()}
+    if modes:
+        report["instance_modes"] = score_instance_modes(
+            gt_arr, prediction, modes, label_settings, iou_thresholds, storage_options, allow_incomplete)
     if contingency is not None:
         report["instances"] = {
             "instances": storage.redact_url(instances),
@@ -186,6 +210,119 @@ def evaluate(
             **instance_scores(contingency.tables(), iou_thresholds),
         }
     return report
+
+
+def _settings_config(prediction: str, label_settings: Mapping[str, Any] | None) -> Any:
+    """A LabelConfig holding ``label_settings`` (validated as label validates them)."""
+    from catena_mito.config import LabelConfig, config_from_dict
+
+    data = {"input_prediction_path": prediction, "output_instance_dir": "unused", **dict(label_settings or {})}
+    return config_from_dict(LabelConfig, data, "label_settings")
+
+
+#: The LabelConfig fields that decide instances (the rest say where data is).
+INSTANCE_FIELDS = ("thres_foreground", "thres_small_instances", "connectivity", "thres_seed", "thres_contour",
+                   "thres_small_seeds", "grow_distance", "seed_distance")
+
+
+def instance_settings_of(config: Any) -> dict[str, Any]:
+    """The instance settings of a LabelConfig, for ``label_settings``."""
+    return {name: getattr(config, name) for name in INSTANCE_FIELDS if hasattr(config, name)}
+
+
+def resolve_instance_modes(
+    requested: Sequence[str] | str | None,
+    prediction: str | None,
+    gt_arr: Any,
+    label_settings: Mapping[str, Any] | None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, str | None]:
+    """The modes to run, each with its contour URL (None for connected components).
+
+    ``"auto"``: connected components, and contour when ``<prediction>_contour`` exists.
+
+    Raises:
+        DataError: an unknown mode, no prediction, a contour mode without a contour
+        prediction, a volume too large for memory, or invalid ``label_settings``.
+    """
+    from catena_mito.targets import CONTOUR, prediction_url
+
+    if not requested:
+        return {}
+    if prediction is None:
+        raise DataError("instance modes decode a prediction: give --prediction (or a dataset with one)")
+    contour_url = prediction_url(prediction, CONTOUR)
+    has_contour = storage.array_exists(contour_url, storage_options)
+    if requested == "auto" or list(requested) == ["auto"]:
+        names = [m for m in INSTANCE_MODES if m != "contour" or has_contour]
+    else:
+        names = list(dict.fromkeys([requested] if isinstance(requested, str) else requested))
+        unknown = [m for m in names if m not in INSTANCE_MODES]
+        if unknown:
+            raise DataError(f"instance modes {unknown}: expected 'auto' or some of {list(INSTANCE_MODES)}")
+        if "contour" in names and not has_contour:
+            raise DataError(f"instance mode contour needs contour probabilities beside the prediction: no array "
+                            f"at {storage.redact_url(contour_url)!r} (predict with a contour-target model)")
+    size = int(np.prod(gt_arr.shape))
+    if size > MODES_MAX_VOXELS:
+        raise DataError(f"instance modes run on the whole volume in memory: {size} voxels is more than "
+                        f"{MODES_MAX_VOXELS}; run label per mode and evaluate its --instances instead")
+    try:
+        _settings_config(prediction, label_settings)
+    except Exception as e:  # a ConfigError naming the field
+        raise DataError(f"label_settings: {e}") from e
+    return {m: (contour_url if m == "contour" else None) for m in names}
+
+
+def score_instance_modes(
+    gt_arr: Any,
+    prediction: str,
+    modes: Mapping[str, str | None],
+    label_settings: Mapping[str, Any] | None,
+    iou_thresholds: Sequence[float],
+    storage_options: Mapping[str, Any] | None = None,
+    allow_incomplete: bool = False,
+) -> dict[str, Any]:
+    """Each mode's instances (``label``'s ids, computed in memory) scored against ``gt_arr``."""
+    from catena_mito.instances import InstanceSettings, instances_whole_volume
+
+    config = _settings_config(prediction, label_settings)
+    fg_arr = storage.open_volume(prediction, storage_options)
+    fg = np.asarray(fg_arr[...])
+    truth = np.asarray(gt_arr[...])
+    resolution, _ = storage.read_spatial(fg_arr)
+    out: dict[str, Any] = {}
+    for mode, contour_url in modes.items():
+        contour = None
+        if contour_url is not None:
+            arr = storage.open_volume(contour_url, storage_options)
+            check_input(arr, contour_url, f"contour prediction {storage.redact_url(contour_url)!r}", storage_options,
+                        allow_incomplete=allow_incomplete)
+            _check_compatible("contour prediction", contour_url, arr, prediction, fg_arr)
+            contour = np.asarray(arr[...])
+        settings = InstanceSettings.from_config(config, mode, resolution)
+        ids = instances_whole_volume(fg, contour, settings)
+        table = Contingency()
+        table.update(truth, ids)
+        out[mode] = {"settings": settings.description() | {"thres_foreground": settings.thres_foreground,
+                                                            "thres_small_instances": settings.thres_small_instances},
+                     **instance_scores(table.tables(), iou_thresholds)}
+    return out
+
+
+def _instance_table(title: str, inst: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"{title}  ({inst['n_gt']} ground-truth, {inst['n_pred']} predicted objects)",
+        f"  {'IoU >=':>8}{'TP':>8}{'FP':>8}{'FN':>8}{'prec':>8}{'recall':>8}{'F1':>8}{'AP':>8}",
+    ]
+    for t, row in inst["thresholds"].items():
+        lines.append(
+            f"  {t:>8}{row['tp']:8d}{row['fp']:8d}{row['fn']:8d}"
+            f"{row['precision']:8.4f}{row['recall']:8.4f}{row['f1']:8.4f}{row['ap']:8.4f}"
+        )
+    lines.append(f"  mean AP (IoU 0.50:0.05:0.95): {inst['mean_ap']:.4f}   AP = TP / (TP + FP + FN)")
+    return lines
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -204,18 +341,11 @@ def format_report(report: Mapping[str, Any]) -> str:
         ]
     inst = report.get("instances")
     if inst:
-        lines += [
-            "",
-            f"instances: {inst['instances']}  ({inst['n_gt']} ground-truth, {inst['n_pred']} predicted objects)",
-            f"  {'IoU >=':>8}{'TP':>8}{'FP':>8}{'FN':>8}{'prec':>8}{'recall':>8}{'F1':>8}{'AP':>8}",
-        ]
-        for t, row in inst["thresholds"].items():
-            lines.append(
-                f"  {t:>8}{row['tp']:8d}{row['fp']:8d}{row['fn']:8d}"
-                f"{row['precision']:8.4f}{row['recall']:8.4f}{row['f1']:8.4f}{row['ap']:8.4f}"
-            )
-        lines.append(f"  mean AP (IoU 0.50:0.05:0.95): {inst['mean_ap']:.4f}   AP = TP / (TP + FP + FN)")
+        lines += _instance_table(f"instances: {inst['instances']}", inst)
         lines += format_ranked(inst)
+    for mode, scores in (report.get("instance_modes") or {}).items():
+        lines += _instance_table(f"instance mode {mode} (from the prediction, label's rule)", scores)
+        lines += format_ranked(scores)
     return "\n".join(lines)
 
 

@@ -6,6 +6,9 @@ the volume centre — ``yz`` (at the centre x) and ``xz`` (at the centre y) — 
 * ``<prefix><plane>_raw.png``: raw, grey (uint8 as is; other dtypes stretched to the
   slice's min..max);
 * ``<prefix><plane>_prob.png``: probability, grey (0 black, 1 white);
+* ``<prefix><plane>_contour.png``: the contour probability of a model with a contour
+  target (``<prediction>_contour``, written by ``predict`` beside the foreground), grey
+  like the probability: what ``label``'s contour mode cuts touching objects apart with;
 * ``<prefix><plane>_instances.png``: raw with each instance tinted and outlined in a
   colour that depends only on its id (:func:`id_colours`), so the same object has the
   same colour in every image and every run.
@@ -140,6 +143,16 @@ def _resolve(dataset: str | None, explicit: str | None, default_path: str, stora
     return url if storage.array_exists(url, storage_options) else None
 
 
+def _beside(prediction: str | None, storage_options: Mapping[str, Any] | None) -> str | None:
+    """The contour prediction beside a foreground prediction, when there is one."""
+    from catena_mito.targets import CONTOUR, prediction_url
+
+    if prediction is None:
+        return None
+    url = prediction_url(prediction, CONTOUR)
+    return url if storage.array_exists(url, storage_options) else None
+
+
 def preview(
     dataset: str | None,
     out: str,
@@ -147,6 +160,7 @@ def preview(
     raw: str | None = None,
     prediction: str | None = None,
     instances: str | None = None,
+    contour: str | None = None,
     z: Sequence[int] = (),
     orthogonal: bool = True,
     storage_options: Mapping[str, Any] | None = None,
@@ -156,7 +170,8 @@ def preview(
 
     ``dataset`` supplies defaults for the arrays (``volumes/raw``,
     ``volumes/predictions/mito``, ``volumes/labels/mito_instances``, each used if
-    present); ``raw``/``prediction``/``instances`` name arrays explicitly. ``z`` lists
+    present; the contour probability beside the prediction, ``<prediction>_contour``, too);
+    ``raw``/``prediction``/``instances``/``contour`` name arrays explicitly. ``z`` lists
     slice indices (voxels); empty means the middle slice. Probabilities or instances
     written by catena-mito that are incomplete or stale are refused unless
     ``allow_incomplete``.
@@ -166,11 +181,13 @@ def preview(
         "prob": _resolve(dataset, prediction, storage.prediction_path("mito"), storage_options),
         "instances": _resolve(dataset, instances, storage.INSTANCES_PATH, storage_options),
     }
+    urls["contour"] = contour if contour is not None else _beside(urls["prob"], storage_options)
     arrays = {k: storage.open_volume(u, storage_options) for k, u in urls.items() if u is not None}
     for key, arr in arrays.items():
         if key != "raw":
-            check_input(arr, urls[key], f"{'prediction' if key == 'prob' else 'instances'} "
-                        f"{storage.redact_url(urls[key])!r}", storage_options, allow_incomplete=allow_incomplete)
+            what = {"prob": "prediction", "contour": "contour prediction"}.get(key, key)
+            check_input(arr, urls[key], f"{what} {storage.redact_url(urls[key])!r}", storage_options,
+                        allow_incomplete=allow_incomplete)
     if not arrays:
         raise DataError(
             f"nothing to preview in {storage.redact_url(dataset or '')!r}: no volumes/raw, "
@@ -202,6 +219,8 @@ def preview(
             images["raw"] = raw_grey
         if "prob" in data:
             images["prob"] = probability_grey(data["prob"])
+        if "contour" in data:
+            images["contour"] = probability_grey(data["contour"])
         if "instances" in data:
             base = raw_grey if raw_grey is not None else np.zeros(data["instances"].shape, np.uint8)
             images["instances"] = overlay_instances(base, data["instances"])

@@ -21,7 +21,16 @@ first :data:`HOTSTART_EPOCHS` (50) epochs use ``learning_rate`` and every later 
 ``poly``/``cosine``: ``warmup_steps`` of linear warm-up, then a per-step decay to 0 at the
 last step (:func:`lr_factor_at_step`).
 
-Loss (:class:`SegmentationLoss`): ``DiceCE`` = foreground Dice pooled over the batch
+Targets: ``targets: [foreground]`` (default) trains the 2-channel softmax model below.
+``targets: [foreground, contour]`` adds each instance's contour (``contour_width`` voxels,
+derived once from the whole instance-id volume, :mod:`catena_mito.data`) and makes the
+model one sigmoid channel per target (``model_params.out_channels`` follows the targets),
+trained with :class:`catena_mito.target_loss.MultiTargetLoss`: per target a batch Dice
+plus, for ``DiceCE``, a weighted binary cross-entropy (``loss_weights`` weight the
+foreground channel, ``contour_pos_weight`` or a per-batch balance the contour channel).
+The checkpoint records ``targets`` and ``contour_width``; ``predict`` reads them.
+
+Loss of one target (:class:`SegmentationLoss`): ``DiceCE`` = foreground Dice pooled over the batch
 (nnU-Net's batch Dice; MONAI ``DiceLoss`` with ``include_background=False, batch=True``)
 + cross-entropy weighted by ``loss_weights``; ``DiceLoss`` = the Dice term alone.
 ``loss_weights: 5.0`` is Catena's foreground factor (``[1, 5]``); a list gives one weight
@@ -35,7 +44,10 @@ path ``predict`` uses - with the training patch size as window and half of it as
 (predict's defaults), thresholded at 0.5: foreground Dice and IoU and, when the labels are
 instance ids (``label_type: mito``, not a binary mask), the instance F1 at IoU 0.5 of the
 connected components (26-connected, those under ``val_min_instance_size`` voxels removed;
-``label``'s connected-components mode) against the ground-truth ids. Without validation
+``label``'s connected-components mode) against the ground-truth ids. With several
+targets the foreground scores come from the foreground channel (:func:`catena_mito.
+targets.probabilities`), and the Dice/IoU of the contour channel against the contour
+target is logged too (``val_contour_dice``/``val_contour_iou``). Without validation
 data there is no ``best.pth``.
 
 Training on your own data
@@ -312,15 +324,26 @@ def build_loss(
     *,
     include_background: bool = False,
     batch: bool = True,
+    targets: Sequence[str] = ("foreground",),
+    contour_pos_weight: float | None = None,
 ) -> nn.Module:
-    """The training loss of ``loss_type`` (``DiceCE`` or ``DiceLoss``): :class:`SegmentationLoss`.
+    """The training loss of ``loss_type`` (``DiceCE`` or ``DiceLoss``): :class:`SegmentationLoss`
+    for one target, :class:`catena_mito.target_loss.MultiTargetLoss` for several
+    (``loss_weights`` then weight the foreground channel's cross-entropy, ``num_classes``
+    is unused: every channel is binary).
 
     Raises:
         ConfigError: unknown ``loss_type``, ``loss_weights`` not one per class, or class
         weights that would have nothing to weight (``DiceLoss`` with a foreground-only Dice).
     """
+    from catena_mito.targets import validate_targets
+
     if loss_type not in ("DiceLoss", "DiceCE"):
         raise ConfigError(f"loss_type: expected 'DiceLoss' or 'DiceCE', got {loss_type!r}")
+    targets = validate_targets(targets)
+    if len(targets) > 1:
+        return _multi_target_loss(loss_type, loss_weights, targets, include_background=include_background,
+                                  batch=batch, contour_pos_weight=contour_pos_weight)
     weights = class_weights(loss_weights, num_classes)
     if weights is not None and loss_type == "DiceLoss" and not include_background:
         raise ConfigError(
@@ -329,6 +352,44 @@ def build_loss(
         )
     tensor = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
     return SegmentationLoss(loss_type, tensor, include_background=include_background, batch=batch)
+
+
+def _multi_target_loss(
+    loss_type: str,
+    loss_weights: float | Sequence[float] | None,
+    targets: Sequence[str],
+    *,
+    include_background: bool,
+    batch: bool,
+    contour_pos_weight: float | None,
+) -> nn.Module:
+    from catena_mito.target_loss import MultiTargetLoss
+
+    if include_background:
+        raise ConfigError(
+            "dice_include_background applies to the single-target softmax model; with several "
+            "targets each sigmoid channel has a Dice of its positive class only"
+        )
+    weights = class_weights(loss_weights, 2)
+    if loss_type == "DiceLoss" and (weights is not None or contour_pos_weight is not None):
+        raise ConfigError(
+            "loss_weights/contour_pos_weight weight the cross-entropy, which loss_type DiceLoss "
+            "does not have; use loss_type DiceCE"
+        )
+    return MultiTargetLoss(loss_type, targets, foreground_weights=weights,
+                           contour_pos_weight=contour_pos_weight, batch=batch)
+
+
+def model_params_for(config: TrainConfig) -> dict[str, Any]:
+    """The backbone hyper-parameters of ``config``: ``model_params`` with the output channels
+    the targets need (several targets: one channel each; one target: as given, 2 by default,
+    so single-target runs build exactly the model they always did)."""
+    from catena_mito.targets import out_channels
+
+    params = dict(config.model_params)
+    if len(config.targets) > 1:
+        params["out_channels"] = out_channels(config.targets)
+    return params
 
 
 def _bf16_supported() -> bool:
@@ -430,6 +491,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     amp: bool = False,
     min_instance_size: int = 0,
+    targets: Sequence[str] = ("foreground",),
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Full-volume sliding-window Dice/IoU of ``model`` on ``volumes``.
 
@@ -438,9 +500,13 @@ def evaluate(
     :func:`instance_f1_counts`) and the foreground probability of the first volume,
     (z, y, x), for the preview. Per volume, ``counts`` holds the confusion and instance
     counts, so results of several processes can be pooled (:func:`pool_metrics`).
+    With several ``targets`` the foreground is the model's foreground channel, and
+    volumes with a contour target also get the contour channel's Dice/IoU
+    (``val_contour_dice``/``val_contour_iou``).
     """
-    from catena_mito.inference import sliding_window_predict
+    from catena_mito.targets import validate_targets
 
+    targets = validate_targets(targets)
     net = _unwrap(model)
     was_training = net.training
     net.eval()
@@ -448,13 +514,16 @@ def evaluate(
     first_prob = None
     try:
         for vol in volumes:
-            prob = sliding_window_predict(
-                net, vol.raw, tuple(patch_size), None,  # None: predict's default stride
-                batch_size=batch_size, device=str(device), amp=amp,
-            )
+            probs = target_probabilities(net, vol.raw, patch_size, targets, batch_size=batch_size,
+                                         device=device, amp=amp)
+            prob = probs["foreground"]
             counts = confusion_counts(prob > 0.5, vol.label)
             entry: dict[str, Any] = {"dice": counts.dice, "iou": counts.iou,
                                      "counts": {"tp": int(counts.tp), "fp": int(counts.fp), "fn": int(counts.fn)}}
+            if "contour" in probs and vol.contour is not None:
+                rim = confusion_counts(probs["contour"] > 0.5, vol.contour)
+                entry["contour_dice"], entry["contour_iou"] = rim.dice, rim.iou
+                entry["counts"]["contour"] = {"tp": int(rim.tp), "fp": int(rim.fp), "fn": int(rim.fn)}
             if vol.ids is not None:
                 inst = instance_f1_counts(prob, vol.ids, min_size=min_instance_size)
                 entry["instance_f1"] = _f1(**inst)
@@ -477,7 +546,38 @@ def pool_metrics(per_volume: dict[str, dict[str, Any]]) -> dict[str, Any]:
     inst = [v["counts"]["instances"] for v in per_volume.values() if "instances" in v["counts"]]
     if inst:
         out["val_instance_f1"] = _f1(*(sum(c[k] for c in inst) for k in ("tp", "fp", "fn")))
+    rims = [v["counts"]["contour"] for v in per_volume.values() if "contour" in v["counts"]]
+    if rims:
+        rim = ConfusionCounts(**{k: sum(c[k] for c in rims) for k in ("tp", "fp", "fn")})
+        out["val_contour_dice"], out["val_contour_iou"] = rim.dice, rim.iou
     return out
+
+
+def target_probabilities(
+    net: nn.Module,
+    raw: np.ndarray,
+    patch_size: Sequence[int],
+    targets: Sequence[str],
+    *,
+    batch_size: int = 2,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+) -> dict[str, np.ndarray]:
+    """Whole-volume sliding-window probabilities (z, y, x) of every target, by name.
+
+    Through :func:`catena_mito.inference.sliding_window_predict`, predict's code path, with
+    the training patch as window and predict's default stride; every target from one
+    forward pass per window.
+    """
+    from catena_mito.inference import sliding_window_predict
+    from catena_mito.targets import validate_targets
+
+    targets = validate_targets(targets)
+    probs = sliding_window_predict(net, raw, tuple(patch_size), None,  # None: predict's default stride
+                                   batch_size=batch_size, device=str(device), amp=amp, targets=targets)
+    if len(targets) == 1:
+        return {targets[0]: probs}
+    return {name: probs[c] for c, name in enumerate(targets)}
 
 
 def preview_png(raw: np.ndarray, label: np.ndarray, prob: np.ndarray, min_height: int = 256) -> bytes:
@@ -651,12 +751,19 @@ def _check_fresh_run(config: TrainConfig, run_url: str) -> None:
 
 def _load_checkpoint_for(config: TrainConfig, url: str, field_name: str) -> dict[str, Any]:
     from catena_mito.checkpoint import load_checkpoint
+    from catena_mito.targets import checkpoint_targets
 
     ckpt = load_checkpoint(url, storage.resolve_storage_options(url, config.storage_options), map_location="cpu")
     if ckpt["model_type"] != config.model_type:
         raise CheckpointError(
             f"{field_name}: {storage.redact_url(url)} holds a {ckpt['model_type']!r} model but "
             f"model_type is {config.model_type!r}"
+        )
+    # Another target set means another output layer: say so, not "shape mismatch" of a tensor.
+    if list(checkpoint_targets(ckpt)) != list(config.targets):
+        raise CheckpointError(
+            f"{field_name}: {storage.redact_url(url)} was trained for targets "
+            f"{list(checkpoint_targets(ckpt))} but targets is {list(config.targets)}"
         )
     return ckpt
 
@@ -697,7 +804,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     run_url = storage.join_url(config.runs_dir, config.exp_name)
     config = resolve_auto_resume(config, run_url)
-    check_patch_size(config.model_type, config.model_params, config.patch_size)
+    check_patch_size(config.model_type, model_params_for(config), config.patch_size)
     _check_fresh_run(config, run_url)
 
     with _distributed(config.device) as (dist_info, device):
@@ -719,6 +826,7 @@ def train(config: TrainConfig) -> TrainResult:
         cache = VolumeCache(
             config.label_type, original_res=config.original_res, target_res=config.target_res,
             clahe=config.clahe, storage_options=config.storage_options, keep_ids_for=val_urls,
+            contour_width=config.contour_width if "contour" in config.targets else None,
         )
         val_volumes = [cache.get(url) for url in val_urls]
         train_volumes = [cache.get(url) for url in config.train_zarr_dirs]
@@ -735,7 +843,8 @@ def train(config: TrainConfig) -> TrainResult:
             config.rotation_augs, config.contrast_augs, missing_section=config.missing_section_prob,
             misalignment=config.misalignment_prob, blur=config.blur_prob, elastic=config.elastic_prob,
         )
-        dataset = PatchDataset(train_volumes, patches, config.patch_size, augmenter, seed=config.seed)
+        dataset = PatchDataset(train_volumes, patches, config.patch_size, augmenter, seed=config.seed,
+                               targets=config.targets)
         sampler = EpochSampler(
             len(patches), seed=config.seed, rank=dist_info.rank, world_size=dist_info.world_size,
             draws_per_rank=config.steps_per_epoch * config.batch_size if config.steps_per_epoch else None,
@@ -752,7 +861,7 @@ def train(config: TrainConfig) -> TrainResult:
         )
 
         # Model, optimiser, schedule; weights from model_loc or the resumed run.
-        model = build_model(config.model_type, **config.model_params)
+        model = build_model(config.model_type, **model_params_for(config))
         resume = None
         if config.resume_checkpoint:
             resume = _load_checkpoint_for(config, config.resume_checkpoint, "resume_checkpoint")
@@ -768,6 +877,7 @@ def train(config: TrainConfig) -> TrainResult:
         loss_fn = build_loss(
             config.loss_type, config.loss_weights, _num_classes(config),
             include_background=config.dice_include_background, batch=config.dice_batch,
+            targets=config.targets, contour_pos_weight=config.contour_pos_weight,
         ).to(device)
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
         scheduler = make_scheduler(optimizer, config, len(loader))
@@ -813,7 +923,7 @@ def train(config: TrainConfig) -> TrainResult:
 def _num_classes(config: TrainConfig) -> int:
     from catena_mito.models import resolve_model_params
 
-    return int(resolve_model_params(config.model_type, config.model_params)["out_channels"])
+    return int(resolve_model_params(config.model_type, model_params_for(config))["out_channels"])
 
 
 def _loop(
@@ -884,6 +994,7 @@ def _loop(
                 metrics, prob = evaluate(
                     model, val_volumes, config.patch_size, batch_size=config.batch_size,
                     device=device, amp=config.amp, min_instance_size=config.val_min_instance_size,
+                    targets=config.targets,
                 )
                 if dist_info.enabled:
                     metrics = _gather_metrics(metrics, config.test_zarr_dirs, dist_info)
@@ -896,6 +1007,8 @@ def _loop(
                     z = _preview_slice(val_volumes[0])
                     writer.save_preview(done, preview_png(val_volumes[0].raw[z], val_volumes[0].label[z], prob[z]))
                 inst = f", val instance F1 {metrics['val_instance_f1']:.4f}" if "val_instance_f1" in metrics else ""
+                if "val_contour_iou" in metrics:
+                    inst += f", val contour IoU {metrics['val_contour_iou']:.4f}"
                 if dist_info.main:
                     progress.write(
                         f"epoch {done}: loss {record['train_loss']:.4f}, val dice "
@@ -906,9 +1019,10 @@ def _loop(
             writer.log_metrics(record)
             if dist_info.main:
                 payload = make_payload(
-                    config.model_type, config.model_params, _unwrap(model), optimizer, scheduler,
+                    config.model_type, model_params_for(config), _unwrap(model), optimizer, scheduler,
                     epoch=done, best_metric=best, config=config.redacted_dict(),
-                    rng=capture_rng_state(),
+                    rng=capture_rng_state(), targets=config.targets,
+                    contour_width=config.contour_width if "contour" in config.targets else None,
                 )
                 if scaler is not None:
                     payload["grad_scaler"] = scaler.state_dict()

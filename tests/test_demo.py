@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import yaml
 from click.testing import CliRunner
 
 from catena_mito import storage
@@ -33,7 +34,16 @@ def test_demo_end_to_end(tmp_path):
     report = json.loads((out / "evaluation.json").read_text())
     assert 0.0 <= report["semantic"]["iou"] <= 1.0 and report["instances"]
     assert (out / "runs" / "demo" / "best.pth").exists()
-    assert sorted(p.name for p in (out / "previews").iterdir())[:3] == ["xz_instances.png", "xz_prob.png", "xz_raw.png"]
+    assert sorted(p.name for p in (out / "previews").iterdir())[:4] == [
+        "xz_contour.png", "xz_instances.png", "xz_prob.png", "xz_raw.png"]
+    # two targets: the contour prediction beside the foreground, label in the contour mode,
+    # and evaluate's table of both modes
+    ckpt_targets = storage.open_volume(storage.join_url(test_url, storage.prediction_path("mito"))).attrs["catena_targets"]
+    assert list(ckpt_targets) == ["foreground", "contour"]
+    assert storage.array_exists(storage.join_url(test_url, storage.prediction_path("mito") + "_contour"))
+    assert list(report["instance_modes"]) == ["connected_components", "contour"]
+    assert yaml.safe_load((out / "configs" / "label.yaml").read_text())["instance_mode"] == "contour"
+    assert "instance mode contour" in result.output
     # each step can be rerun by hand from the configs the demo wrote
     for name in ("train", "predict", "label"):
         assert (out / "configs" / f"{name}.yaml").exists()

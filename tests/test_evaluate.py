@@ -280,3 +280,81 @@ def test_low_iou_is_accepted_and_synth_zero_shape_is_a_usage_error(tmp_path, cap
         main(["synth", str(tmp_path / "s.zarr"), "--shape", "0", "10", "10"])
     assert e.value.code == 2
     assert not (tmp_path / "s.zarr").exists()
+
+
+# --- instance modes from the prediction -----------------------------------------------------
+
+
+@pytest.fixture
+def touching(tmp_path):
+    """Two touching boxes (ids 1 and 2), a perfect foreground and a perfect contour."""
+    from catena_mito.targets import instance_contour
+
+    gt = np.zeros((6, 8, 14), np.uint32)
+    gt[1:5, 1:7, 1:7] = 1  # 144 voxels
+    gt[1:5, 1:7, 7:11] = 2  # 96 voxels, touching box 1 along x = 6 | 7
+    url = str(tmp_path / "t.zarr")
+    _write(storage.join_url(url, storage.LABEL_PATHS["mito"]), gt)
+    pred = storage.join_url(url, storage.prediction_path("mito"))
+    _write(pred, ((gt != 0) * 255).astype(np.uint8))
+    _write(pred + "_contour", (instance_contour(gt) * 255).astype(np.uint8))
+    return url, pred
+
+
+SETTINGS = {"thres_small_instances": 1, "thres_small_seeds": 1, "grow_distance": 8}
+
+
+def test_instance_modes_compare_connected_components_and_contour(touching):
+    url, pred = touching
+    report = evaluate(url, pred, instance_modes="auto", label_settings=SETTINGS)
+    modes = report["instance_modes"]
+    assert list(modes) == ["connected_components", "contour"]
+    cc, contour = modes["connected_components"], modes["contour"]
+    # one merged object: IoU 144/240 = 0.6 with box 1, 96/240 with box 2
+    assert (cc["n_pred"], cc["thresholds"]["0.5"]["tp"], cc["thresholds"]["0.5"]["fn"]) == (1, 1, 1)
+    assert cc["thresholds"]["0.5"]["f1"] == pytest.approx(2 / 3)
+    assert cc["thresholds"]["0.75"]["tp"] == 0
+    # the contour cuts them apart again, exactly
+    assert contour["n_pred"] == 2
+    assert contour["thresholds"]["0.75"]["f1"] == 1.0 and contour["mean_ap"] == 1.0
+    assert contour["settings"]["mode"] == "contour"
+    text = format_report(report)
+    assert "instance mode connected_components" in text and "instance mode contour" in text
+
+
+def test_instance_modes_without_a_contour_prediction(touching, tmp_path):
+    url, pred = touching
+    only_fg = _write(str(tmp_path / "fg.zarr" / "p"), np.asarray(storage.open_volume(pred)[...]))
+    report = evaluate(url, only_fg, instance_modes="auto", label_settings=SETTINGS)
+    assert list(report["instance_modes"]) == ["connected_components"]
+    with pytest.raises(DataError, match="contour probabilities"):
+        evaluate(url, only_fg, instance_modes=["contour"])
+    with pytest.raises(DataError, match="instance modes"):
+        evaluate(url, pred, instance_modes=["watershed"])
+    with pytest.raises(DataError, match="label_settings"):
+        evaluate(url, pred, instance_modes="auto", label_settings={"thres_seed": 2.0})
+
+
+def test_instance_modes_refuse_volumes_too_large_for_memory(touching, monkeypatch):
+    import catena_mito.evaluate as module
+
+    monkeypatch.setattr(module, "MODES_MAX_VOXELS", 100)
+    url, pred = touching
+    with pytest.raises(DataError, match="in memory"):
+        evaluate(url, pred, instance_modes="auto")
+
+
+def test_cli_instance_modes_with_a_label_config(touching, tmp_path, capsys):
+    from catena_mito.cli import main
+
+    url, pred = touching
+    cfg = tmp_path / "label.yaml"
+    cfg.write_text(f"input_prediction_path: {pred}\noutput_instance_dir: {url}/volumes/labels\n"
+                   "thres_small_instances: 1\nthres_small_seeds: 1\ngrow_distance: 8\n")
+    out = str(tmp_path / "modes.json")
+    main(["evaluate", "--gt", url, "--prediction", pred, "--instance-modes", "auto",
+          "--label-config", str(cfg), "--json", out])
+    report = json.loads((tmp_path / "modes.json").read_text())
+    assert report["instance_modes"]["contour"]["thresholds"]["0.75"]["f1"] == 1.0
+    assert report["instance_modes"]["connected_components"]["n_pred"] == 1
+    assert "instance mode contour" in capsys.readouterr().out

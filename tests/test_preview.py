@@ -123,3 +123,18 @@ def test_cli_preview_to_memory(dataset):
     main(["preview", dataset, "--out", "memory://previews/a_", "--z", "2", "--z", "3"])
     for name in ("z00002_raw", "z00003_instances", "yz_prob", "xz_instances"):
         assert storage.exists(f"memory://previews/a_{name}.png")
+
+
+def test_contour_prediction_beside_the_foreground_is_shown(dataset, tmp_path, native_size):
+    contour = np.zeros(SHAPE, np.uint8)
+    contour[:, 5, 10:20] = 255  # the box's top rim, as predict writes uint8 (p × 255)
+    url = storage.join_url(dataset, storage.prediction_path("mito") + "_contour")
+    storage.create_array(url, SHAPE, np.uint8, (3, 10, 10), attrs=storage.spatial_attrs((16.0, 4.0, 8.0)))[...] = contour
+    out = str(tmp_path / "c_")
+    urls = preview(dataset, out, z=[2], orthogonal=False)
+    assert out + "z00002_contour.png" in urls
+    np.testing.assert_array_equal(np.asarray(_load(out + "z00002_contour.png")), contour[2])
+    # without a contour prediction there is no contour image
+    other = str(tmp_path / "n_")
+    assert not any(u.endswith("_contour.png") for u in preview(dataset, other, z=[2], orthogonal=False,
+                                                    prediction=storage.join_url(dataset, storage.RAW_PATH)))

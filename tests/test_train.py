@@ -153,9 +153,11 @@ def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_is_bitwise_identical(tmp_path, datasets, num_workers):
-    common = {"epochs": 4, "eval_interval": 3, "num_workers": num_workers,
+@pytest.mark.parametrize(("num_workers", "targets"), [(0, ["foreground"]), (2, ["foreground"]),
+                                                     (0, ["foreground", "contour"])],
+                         ids=["one-target", "one-target-workers", "two-targets"])
+def test_resume_is_bitwise_identical(tmp_path, datasets, num_workers, targets):
+    common = {"epochs": 4, "eval_interval": 3, "num_workers": num_workers, "targets": targets,
               "rotation_augs": True, "contrast_augs": True}  # dropout, augmentation: all RNG users
     straight = tiny_config(tmp_path, datasets, exp_name="straight", **common)
     train(straight)
