@@ -172,11 +172,13 @@ def predict(config_path: str, overrides: tuple[str, ...], shard_index: int | Non
 @click.option(
     "--phase", type=click.Choice(["all", "blocks", "merge", "grow", "sizes", "relabel", "clean"]), default="all", show_default=True,
     help="Run one phase (blocks, grow and relabel are sharded; merge, sizes and clean are one process) "
-    "or all of them. grow and sizes exist in the contour and distance instance modes only.",
+    "or all of them. grow and sizes belong to the contour and distance instance modes; in "
+    "connected_components mode they succeed doing nothing, so one set of Jobs runs every mode.",
 )
 @click.option(
     "--wait-timeout", type=float, default=0.0, show_default=True, metavar="SECONDS",
-    help="merge/relabel: wait up to this long for the previous phase to complete (for Jobs started together).",
+    help="merge, grow, sizes, relabel, clean: wait up to this long for the previous phase to complete "
+    "(for Jobs started together).",
 )
 @_allow_incomplete_option
 def label(config_path: str, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None, overwrite: bool, dry_run: bool, phase: str, wait_timeout: float, allow_incomplete: bool) -> None:

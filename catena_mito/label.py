@@ -125,8 +125,10 @@ from catena_mito.targets import FOREGROUND, TARGET_ATTR, prediction_url
 log = logging.getLogger(__name__)
 
 PHASES = ("all", "blocks", "merge", "grow", "sizes", "relabel", "clean")
-#: Phases only the seeded modes (contour, distance) have.
+#: Phases only the seeded modes (contour, distance) have; elsewhere they do nothing.
 INSTANCE_PHASES = ("grow", "sizes")
+#: Phases that run as one process (the others are sharded, except ``all``).
+SINGLE_PROCESS_PHASES = ("merge", "sizes", "clean")
 TIFF_SUFFIXES = (".tif", ".tiff")
 #: Environment variable that sets the most bytes a TIFF output may gather in memory.
 TIFF_LIMIT_ENV = "CATENA_TIFF_MAX_BYTES"
@@ -1001,19 +1003,29 @@ class _LabelTask:
 
     # -- clean ----------------------------------------------------------------------------
 
-    def run_clean(self) -> None:
-        self.check_owner()
-        merge = self.store.markers(self.spec.run_id, "merge")
+    def run_clean(self, wait_timeout: float = 0.0) -> None:
+        """Remove the intermediate files once relabel is complete (waiting up to
+        ``wait_timeout`` seconds for it, as the other phases wait for theirs)."""
         if self.store.read_complete(self.spec.run_id) is None:
-            if not merge.is_done(0):
-                raise PhaseError(f"the label merge of run {self.spec.run_id} at {self.store.shown} is not "
-                                 "complete; nothing to clean (run the merge and relabel phases first)")
+            last = self.store.markers(self.spec.run_id, "sizes" if self.instances else "merge")
+            relabel = self.store.markers(self.spec.run_id, "relabel")
             total = self.spec.num_blocks("relabel")
-            missing = self.store.markers(self.spec.run_id, "relabel").missing(range(total))
-            if missing:
-                raise PhaseError(f"the label relabel phase is not complete: {len(missing)} of "
-                                 f"{total} blocks missing (first: {missing[:5]}); run it first")
-            self._complete_if_done(self._final_info())
+
+            def missing() -> list[str]:
+                if self.store.read_complete(self.spec.run_id) is not None:
+                    return []
+                if not last.is_done(0):
+                    return ["the merge" if not self.instances else "the sizes phase"]
+                return [f"relabel block {i}" for i in relabel.missing(range(total))]
+
+            self.wait_for(missing, wait_timeout,
+                          "the label relabel phase",
+                          f"run the earlier phases of run {self.spec.run_id} at {self.store.shown} "
+                          "(up to relabel, every shard) first; nothing to clean")
+            if self.store.read_complete(self.spec.run_id) is None:
+                self._complete_if_done(self._final_info())
+        else:
+            self.check_owner()
         with Lease(self.store, self.spec.run_id, "clean", f"the label clean of {self.store.shown}"):
             record = self.store.read_complete(self.spec.run_id) or {}
             # complete.json stays (and run.json): consumers and `status` read them
@@ -1089,11 +1101,12 @@ def label(
 ) -> LabelSummary:
     """Run ``phase`` of the label task of ``config`` (see the module docstring).
 
-    ``all`` runs blocks, merge, relabel and clean in this process (one shard only);
-    ``blocks`` and ``relabel`` process shard ``shard_index`` of ``num_shards``; ``merge``
-    and ``clean`` are single-process. ``wait_timeout`` (seconds): merge polls for every
-    block's done marker and relabel for the merge marker for up to this long; with 0 a
-    missing previous phase is an immediate :class:`PhaseError`. ``overwrite`` recomputes
+    ``all`` runs every phase of the mode in this process (one shard only); ``blocks``,
+    ``grow`` and ``relabel`` process shard ``shard_index`` of ``num_shards``; ``merge``,
+    ``sizes`` and ``clean`` are single-process; ``grow`` and ``sizes`` do nothing in
+    connected_components mode. ``wait_timeout`` (seconds): each phase after ``blocks``
+    polls for the markers of the one before for up to this long; with 0 a missing
+    previous phase is an immediate :class:`PhaseError`. ``overwrite`` recomputes
     what is marked done and, in the first phase, replaces another run's output.
     ``allow_incomplete``: label an incomplete or stale prediction anyway (logged).
     ``dry_run``: plan only; ``summary.plan`` holds it. ``num_threads`` (default: the CPUs
@@ -1107,13 +1120,18 @@ def label(
             f"--phase all runs every block in one process: --num-shards must be 1, got {num_shards} "
             "(shard --phase blocks and --phase relabel instead)"
         )
-    if phase in ("merge", "sizes", "clean"):  # one process: a shard count from the environment is moot
+    if phase in SINGLE_PROCESS_PHASES:  # one process: a shard count from the environment is moot
         shard_index, num_shards = 0, 1
     threads = num_threads or default_threads()
     task = _LabelTask(config, threads, allow_incomplete)
-    if phase in INSTANCE_PHASES:
-        task._require_instances(phase)  # before claiming or saving anything
     task.summary.phase = phase
+    if phase in INSTANCE_PHASES and not task.instances:
+        # One set of cluster manifests (k8s/, jobs/slurm/) runs every phase of PHASES in
+        # order, whatever the mode: a connected-components run has no grow or sizes step,
+        # so those phases say so and succeed without reading, waiting or writing anything.
+        log.info("label %s: instance_mode %r has no %s phase (its phases are blocks, merge, relabel, "
+                 "clean); nothing to do", phase, task.mode, phase)
+        return task.summary
     if dry_run:
         task.summary.plan = task.plan(shard_index, num_shards)
         return task.summary
@@ -1155,7 +1173,7 @@ def label(
     elif phase == "relabel":
         task.run_relabel(shard_index, num_shards, overwrite, wait_timeout)
     else:
-        task.run_clean()
+        task.run_clean(wait_timeout)
     log.info("label %s: done in %.1f s (%s)", phase, time.perf_counter() - started, task.summary.output_url)
     if config.pyramid_levels and phase in ("all", "relabel"):  # the shard completing relabel builds the levels
         from catena_mito.pyramid import build_after

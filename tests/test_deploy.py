@@ -325,34 +325,43 @@ def test_train_is_one_gpu_job_writing_to_s3():
     assert config["runs_dir"].startswith("s3://")
 
 
-def test_label_phases_run_in_order_from_one_apply():
-    docs = load_docs(REPO / "k8s" / "label-job.yaml")
+def label_jobs_by_phase() -> dict[str, tuple[dict, list[str]]]:
     phases = {}
-    for job in (d for d in docs if d["kind"] == "Job"):
+    for job in (d for d in load_docs(REPO / "k8s" / "label-job.yaml") if d["kind"] == "Job"):
         (c,) = job["spec"]["template"]["spec"]["containers"]
         args = c["args"]
         assert args[0] == "label"
-        phases[args[args.index("--phase") + 1]] = (job, args)
-    assert set(phases) == {"blocks", "merge", "relabel"}
-    assert phases["blocks"][0]["spec"]["completionMode"] == "Indexed"
-    assert phases["relabel"][0]["spec"]["completionMode"] == "Indexed"
-    assert phases["merge"][0]["spec"].get("completionMode", "NonIndexed") == "NonIndexed"
-    # Merge and relabel start with blocks and wait for their markers; relabel waits for
-    # blocks + merge, so its timeout must be the longer one.
-    timeouts = {}
-    for phase in ("merge", "relabel"):
+        phase = args[args.index("--phase") + 1]
+        assert phase not in phases, f"two Jobs run --phase {phase}"
+        phases[phase] = (job, args)
+    return phases
+
+
+def test_label_phases_run_in_order_from_one_apply():
+    from catena_mito.label import PHASES, SINGLE_PROCESS_PHASES
+
+    phases = label_jobs_by_phase()
+    # every phase of the CLI, so that a new phase cannot be left out of the cluster run again
+    order = [p for p in PHASES if p != "all"]
+    assert set(phases) == set(order)
+    for phase in order:
+        mode = phases[phase][0]["spec"].get("completionMode", "NonIndexed")
+        assert mode == ("NonIndexed" if phase in SINGLE_PROCESS_PHASES else "Indexed"), phase
+    # Every later phase starts with blocks and waits for the markers of the one before;
+    # each waits for all the earlier ones, so the timeouts grow along the chain.
+    timeouts = []
+    for phase in order[1:]:
         args = phases[phase][1]
-        timeouts[phase] = float(args[args.index("--wait-timeout") + 1])
-        assert timeouts[phase] > 0
-    assert timeouts["relabel"] > timeouts["merge"]
+        timeouts.append(float(args[args.index("--wait-timeout") + 1]))
+    assert timeouts[0] > 0 and timeouts == sorted(set(timeouts)), timeouts
     assert "--wait-timeout" not in phases["blocks"][1]
     # A waiting Job is bounded as a whole, beyond its wait (the wait, then the work), so
     # one whose input never comes does not hold its pods for ever.
-    deadlines = {}
-    for phase in ("merge", "relabel"):
-        deadlines[phase] = phases[phase][0]["spec"]["activeDeadlineSeconds"]
-        assert deadlines[phase] >= timeouts[phase] + 3600, phase
-    assert deadlines["relabel"] > deadlines["merge"]
+    deadlines = []
+    for phase, timeout in zip(order[1:], timeouts):
+        deadlines.append(phases[phase][0]["spec"]["activeDeadlineSeconds"])
+        assert deadlines[-1] >= timeout + 3600, phase
+    assert deadlines == sorted(set(deadlines)), deadlines
 
 
 def configmap_configs() -> list[tuple[str, str, str]]:
@@ -531,7 +540,7 @@ def run_script(tmp_path: Path, script: Path, *args: str, env: dict[str, str] | N
     )
 
 
-SHARDED_SCRIPTS = ("predict.sbatch", "label-blocks.sbatch", "label-relabel.sbatch")
+SHARDED_SCRIPTS = ("predict.sbatch", "label-blocks.sbatch", "label-grow.sbatch", "label-relabel.sbatch")
 
 
 def slurm_array(task_id: int, *tasks: int) -> dict[str, str]:
@@ -569,6 +578,8 @@ def fake_apptainer(tmp_path: Path) -> Path:
         ("predict.sbatch", ["predict"], True),
         ("label-blocks.sbatch", ["label", "--phase", "blocks"], False),
         ("label-merge.sbatch", ["label", "--phase", "merge"], False),
+        ("label-grow.sbatch", ["label", "--phase", "grow"], False),
+        ("label-sizes.sbatch", ["label", "--phase", "sizes"], False),
         ("label-relabel.sbatch", ["label", "--phase", "relabel"], False),
         ("label-clean.sbatch", ["label", "--phase", "clean"], False),
     ],
@@ -615,7 +626,7 @@ def test_sharded_sbatch_scripts_state_their_shard_count(script):
     assert "0..N-1" in text and "--array=5" in text
 
 
-@pytest.mark.parametrize("script", ["label-merge.sbatch", "label-clean.sbatch"])
+@pytest.mark.parametrize("script", ["label-merge.sbatch", "label-sizes.sbatch", "label-clean.sbatch"])
 def test_single_process_sbatch_scripts_are_one_shard(tmp_path, script):
     text = (REPO / "jobs/slurm" / script).read_text()
     assert sbatch_array_default(text) is None
@@ -674,15 +685,24 @@ def test_label_sh_chains_the_phases_with_dependencies(tmp_path):
     )
     result = run_script(tmp_path, REPO / "jobs/slurm/label.sh", "cfg.yaml", "4")
     assert result.returncode == 0, result.stderr
-    blocks, merge, relabel, clean = log.read_text().splitlines()
-    assert "--array=0-3" in blocks and "label-blocks.sbatch cfg.yaml" in blocks
-    # The count travels with the array, so every task is shard i of 4 of the same run.
-    for line in (blocks, relabel):
-        assert "--export=ALL,CATENA_NUM_SHARDS=4 " in line
-    assert "--dependency=afterok:1001 " in merge and "label-merge.sbatch cfg.yaml" in merge
-    assert "--dependency=afterok:1002 " in relabel and "--array=0-3" in relabel
-    assert "label-relabel.sbatch cfg.yaml" in relabel
-    assert "--dependency=afterok:1003 " in clean and "label-clean.sbatch cfg.yaml" in clean
+    from catena_mito.label import PHASES, SINGLE_PROCESS_PHASES
+
+    lines = log.read_text().splitlines()
+    order = [p for p in PHASES if p != "all"]
+    # one submission per phase of the CLI, in its order, each after the one before
+    assert len(lines) == len(order)
+    for n, (phase, line) in enumerate(zip(order, lines)):
+        assert f"label-{phase}.sbatch cfg.yaml" in line, (phase, line)
+        assert (REPO / "jobs/slurm" / f"label-{phase}.sbatch").is_file()
+        if n:
+            assert f"--dependency=afterok:{1000 + n} " in line, (phase, line)
+        else:
+            assert "--dependency" not in line
+        if phase in SINGLE_PROCESS_PHASES:
+            assert "--array" not in line, phase
+        else:
+            # The count travels with the array, so every task is shard i of 4 of the same run.
+            assert "--array=0-3" in line and "--export=ALL,CATENA_NUM_SHARDS=4 " in line, phase
 
 
 def test_label_sh_rejects_a_bad_shard_count(tmp_path):
@@ -888,8 +908,9 @@ def test_label_jobs_started_together_finish_in_order(tmp_path):
     sharded_cfg = config("sharded")
     jobs_ = label_job_args()
     procs = []
-    # Waiting phases first, so they really have to wait for the markers.
-    for phase in ("relabel", "merge", "blocks"):
+    # Waiting phases first, so they really have to wait for the markers (every phase of
+    # the file: grow and sizes do nothing in this connected-components config).
+    for phase in reversed(list(jobs_)):
         args, env, completions = jobs_[phase]
         args = [a if not a.startswith("/etc/catena/") else str(sharded_cfg) for a in args]
         if "--wait-timeout" in args:

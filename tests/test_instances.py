@@ -300,12 +300,16 @@ def test_contour_input_is_checked_like_the_prediction():
     assert not storage.exists(root + "/o")
 
 
-def test_seeded_phases_are_refused_in_connected_components_mode():
+def test_seeded_phases_do_nothing_in_connected_components_mode(caplog):
+    """One set of cluster manifests runs every phase: in connected_components mode grow
+    and sizes succeed at once without waiting, claiming or writing anything."""
     root = mem_url("ph")
     write(root + "/p", np.zeros((4, 4, 4), np.float32))
     config = LabelConfig(input_prediction_path=root + "/p", output_instance_dir=root + "/o")
-    with pytest.raises(PhaseError, match="phase 'grow' belongs to the seeded instance modes"):
-        label(config, phase="grow")
+    for phase in ("grow", "sizes"):
+        with caplog.at_level("INFO", logger="catena_mito.label"):
+            summary = label(config, phase=phase, wait_timeout=60)
+        assert summary.blocks_computed == 0 and f"has no {phase} phase" in caplog.text
     assert not storage.exists(root + "/o")
 
 
@@ -337,7 +341,7 @@ def test_resume_and_rerun_of_a_seeded_run():
 
 
 @pytest.mark.slow
-def test_cli_runs_the_seeded_phases_and_refuses_them_for_connected_components(tmp_path):
+def test_cli_runs_the_seeded_phases_and_skips_them_for_connected_components(tmp_path):
     import subprocess
     import sys
 
@@ -364,9 +368,9 @@ def test_cli_runs_the_seeded_phases_and_refuses_them_for_connected_components(tm
     np.testing.assert_array_equal(read_output(config), instances_whole_volume(
         fg, contour, InstanceSettings.from_config(config, "contour", None)))
     cfg.write_text(f"input_prediction_path: {root}/p\noutput_instance_dir: {tmp_path / 'c.zarr'}\n")
-    refused = cli("--phase", "sizes")
-    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
-    assert "belongs to the seeded instance modes" in refused.stderr
+    nothing = cli("--phase", "sizes")
+    assert nothing.returncode == 0 and "has no sizes phase" in nothing.stderr
+    assert not (tmp_path / "c.zarr").exists()
 
 
 def test_scaled_and_tiff_outputs_of_a_seeded_mode(tmp_path):

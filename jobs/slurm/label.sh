@@ -1,8 +1,11 @@
 #!/bin/bash
 # Submit the label phases as Slurm jobs chained by dependencies, then return:
 #   jobs/slurm/label.sh [CONFIG] [SHARDS]      (defaults: jobs/s3/label.yaml, 8)
-# blocks (array of SHARDS) --afterok--> merge (one job) --afterok--> relabel (array of
-# SHARDS) --afterok--> clean (one job: summary, intermediate files removed)
+# blocks (array of SHARDS) --afterok--> merge (one job) --afterok--> grow (array of SHARDS)
+# --afterok--> sizes (one job) --afterok--> relabel (array of SHARDS) --afterok--> clean
+# (one job: summary, intermediate files removed): every phase of label.PHASES. grow and
+# sizes belong to the contour/distance modes; in connected_components mode they succeed at
+# once, doing nothing, so the one chain serves every instance_mode.
 # If a phase fails, the later ones stay pending with reason DependencyNeverSatisfied;
 # cancel them (scancel), fix the cause and run this script again: done blocks are skipped.
 # Or resubmit only a failed task of an array with the same count, e.g. task 5 of 8:
@@ -29,12 +32,16 @@ array=(--array="0-$((SHARDS - 1))" --export="ALL,CATENA_NUM_SHARDS=$SHARDS")
 blocks=$(submit "${array[@]}" "$HERE/label-blocks.sbatch" "$CONFIG")
 # afterok on an array job waits for every task of the array to succeed.
 merge=$(submit --dependency="afterok:$blocks" "$HERE/label-merge.sbatch" "$CONFIG")
-relabel=$(submit --dependency="afterok:$merge" "${array[@]}" "$HERE/label-relabel.sbatch" "$CONFIG")
+grow=$(submit --dependency="afterok:$merge" "${array[@]}" "$HERE/label-grow.sbatch" "$CONFIG")
+sizes=$(submit --dependency="afterok:$grow" "$HERE/label-sizes.sbatch" "$CONFIG")
+relabel=$(submit --dependency="afterok:$sizes" "${array[@]}" "$HERE/label-relabel.sbatch" "$CONFIG")
 clean=$(submit --dependency="afterok:$relabel" "$HERE/label-clean.sbatch" "$CONFIG")
 
 echo "submitted label for $CONFIG in $SHARDS shards:"
 echo "  blocks  $blocks"
 echo "  merge   $merge   (after blocks)"
-echo "  relabel $relabel (after merge)"
+echo "  grow    $grow   (after merge)"
+echo "  sizes   $sizes   (after grow)"
+echo "  relabel $relabel (after sizes)"
 echo "  clean   $clean   (after relabel)"
-echo "watch with: squeue -j $blocks,$merge,$relabel,$clean"
+echo "watch with: squeue -j $blocks,$merge,$grow,$sizes,$relabel,$clean"
