@@ -47,6 +47,8 @@ thres_small_seeds 32, grow_distance 8, thres_small_instances 50)::
     two targets (demo now), IoU      0.833           0.894           0.799           0.842
       cc F1                          0.256 / 0.154   0.250 / 0.125   0.414 / 0.276   0.307 / 0.185
       contour F1                     0.387 / 0.161   0.281 / 0.175   0.389 / 0.333   0.352 / 0.223
+    two targets, steps_per_epoch 80 (2x the demo's budget), IoU 0.859 / 0.915 / 0.871,
+      contour F1 0.520 / 0.400, 0.286 / 0.171, 0.516 / 0.387; mean 0.441 / 0.320 (not adopted)
     seed 0 only, contour F1 @0.5: contour_pos_weight 1: 0.326; contour_width 2 with
     contour_pos_weight 1: 0.113, 3: 0.029 (the wider rim fragments the thin tubes)
 
