@@ -198,8 +198,10 @@ def figure_throughput(work: Path, size: int, threads: int, profile_lines: int) -
         print(f"   {name}: {r['seconds']:6.1f} s, {mvx / r['seconds']:6.2f} output MVx/s, {r['windows_run']} windows")
     prof = runs["after  (exchange, defaults)"]["profile"]
     print("   profile of the exchange run (own time; cProfile, so slower than unprofiled):")
-    keep = [ln for ln in prof.splitlines() if ln.strip() and ("(" in ln or "ncalls" in ln)]
-    print("\n".join("     " + ln for ln in keep[: profile_lines + 1]))
+    lines = prof.splitlines()
+    start = next((i for i, ln in enumerate(lines) if "ncalls" in ln), 0)
+    keep = [ln for ln in lines[start:] if ln.strip()]
+    print("\n".join("     " + ln.replace(str(Path.cwd()) + "/", "") for ln in keep[: profile_lines + 1]))
 
 
 def figure_memory(work: Path, size: int, threads: int) -> None:
