@@ -500,6 +500,7 @@ def load_pretrained(
     storage_options: dict | None = None,
     *,
     model_type: str | None = None,
+    targets: Sequence[str] | None = None,
     strict: bool = True,
     field_name: str = "model_loc",
 ) -> LoadReport:
@@ -524,6 +525,15 @@ def load_pretrained(
                 raise CheckpointError(
                     f"{shown} holds a {payload['model_type']!r} model but model_type is {model_type!r}"
                 )
+            # Other targets mean another output layer: say so, not "shape mismatch" of a tensor.
+            if strict and targets is not None:
+                from catena_mito.targets import checkpoint_targets
+
+                if list(checkpoint_targets(payload)) != list(targets):
+                    raise CheckpointError(
+                        f"{shown} was trained for targets {list(checkpoint_targets(payload))} but "
+                        f"targets is {list(targets)} (model_loc_strict: false loads the layers that fit)"
+                    )
         report = load_weights_into(model, payload, strict=strict)
     except CheckpointError as e:
         message = str(e) if shown in str(e) else f"{shown}: {e}"

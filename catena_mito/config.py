@@ -182,7 +182,8 @@ class TrainConfig(JobConfig, _PatchFields):
             raise ValueError("dice_include_background applies to the single-target softmax model; with several targets each sigmoid channel has a Dice of its positive class only (set dice_include_background: false)")
         if multi and "out_channels" in self.model_params and self.model_params["out_channels"] != len(self.targets):
             raise ValueError(f"model_params.out_channels {self.model_params['out_channels']!r} does not fit targets {self.targets} (one channel per target: {len(self.targets)}); leave it out, the targets set it")
-        if "contour_width" in self.model_fields_set and "contour" not in self.targets:
+        # a resolved config (model_dump) names every field: refuse only a width that would be ignored
+        if "contour" not in self.targets and self.contour_width != type(self).model_fields["contour_width"].default:
             raise ValueError("contour_width sets the width of the contour target: it needs 'contour' in targets")
         if self.contour_pos_weight is not None and ("contour" not in self.targets or self.loss_type != "DiceCE"):
             raise ValueError("contour_pos_weight weights the contour channel's cross-entropy: it needs targets with 'contour' and loss_type DiceCE")

@@ -870,7 +870,7 @@ def train(config: TrainConfig) -> TrainResult:
                 log.info("resume_checkpoint given: model_loc is not reloaded (the resumed weights include it)")
         elif config.model_loc:
             load_pretrained(model, config.model_loc, storage.resolve_storage_options(config.model_loc, config.storage_options),
-                            model_type=config.model_type, strict=config.model_loc_strict)
+                            model_type=config.model_type, targets=config.targets, strict=config.model_loc_strict)
         if config.freeze_encoder:
             freeze_encoder(model, config.model_type)
         model.to(device)

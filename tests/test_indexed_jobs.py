@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.s3]
 SHAPE = (48, 64, 64)  # z, y, x voxels of the synthetic volume
 #: Shards of each Indexed Job (its `completions` and CATENA_NUM_SHARDS). The relabel phase
 #: "need not match the blocks phase" (k8s/label-job.yaml): it does not here.
-NUM_SHARDS = {"catena-predict": 3, "catena-label-blocks": 3, "catena-label-relabel": 2}
+NUM_SHARDS = {"catena-predict": 3, "catena-label-blocks": 3, "catena-label-grow": 2, "catena-label-relabel": 2}
 PREDICT_SIZES = {
     "patch_size": [16, 32, 32],
     "stride": [8, 16, 16],
@@ -295,9 +295,12 @@ def test_indexed_jobs_on_s3_equal_a_single_process_run(tmp_path, s3_server):
         p = Pod(job, tmp_path, s3_server, base_env)
         args = p.container["args"]
         pods[args[args.index("--phase") + 1]] = p
-    assert set(pods) == {"blocks", "merge", "relabel"}
+    from catena_mito.label import PHASES
+
+    order = [phase for phase in PHASES if phase != "all"]
+    assert set(pods) == set(order)  # one Job per phase (grow and sizes: nothing to do here)
     procs = []
-    for phase in ("relabel", "merge", "blocks"):
+    for phase in reversed(order):
         procs += pods[phase].start(sharded_label)
     reference = [a for a in pods["blocks"].args(single_label) if a not in ("--phase", "blocks")]
     label_env = {k: v for k, v in pods["blocks"].env.items() if k != "CATENA_NUM_SHARDS"}
