@@ -1,7 +1,7 @@
 """Training quality on synthetic data: train for a fixed budget, score a held-out volume.
 
 For each seed ``s``: a training volume of seed ``s`` and a held-out volume of seed
-``s + 1`` (:mod:`catena_mito.synthetic`; about 9-10 % mitochondria, the class balance of
+``s + 1`` (:mod:`catena_mito.synthetic`; about 6-7 % mitochondria, the class balance of
 real serial-section EM crops), the training config of ``catena-mito demo`` (same shapes,
 model, steps, schedule; :func:`catena_mito.demo.train_config_data`), trained with weight
 seed ``s``. The held-out volume is evaluated *once, after the last step* (no checkpoint

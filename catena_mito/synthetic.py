@@ -12,8 +12,10 @@ What is drawn (all sizes in nm, converted with ``resolution``; axis order (z, y,
   without a global list; a smooth displacement field bends the cell walls. Every voxel
   belongs to one neuron id >= 1. Cell walls are dark membranes.
 * **Mitochondria** -- curved tubes (a smoothed random polyline with a varying radius),
-  some branched, some touching a partner tube. Each lies inside one host neuron and is
-  clipped a little inside its membrane. Drawn with a dark double membrane and dark
+  some branched, some touching a partner tube. Tubes never pass through each other:
+  apart from a touching partner, two stay at least 12 nm apart, so each ground-truth id
+  is one object, as in tissue. Each lies inside one host neuron and is clipped a little
+  inside its membrane. Drawn with a dark double membrane and dark
   cristae sheets across the tube on a mid-grey matrix.
 * **Distractors** -- vesicle clusters (small dark-rimmed spheres) and sparse larger
   endosome-like spheres (mid-grey with a dark rim, like a mitochondrion without cristae),
@@ -22,7 +24,7 @@ What is drawn (all sizes in nm, converted with ``resolution``; axis order (z, y,
   across the volume.
 
 The mix is tuned so that no global intensity threshold separates mitochondria (best
-foreground IoU about 0.3) while local texture (double membrane + cristae) still does.
+foreground IoU about 0.25) while local texture (double membrane + cristae) still does.
 
 Determinism: random numbers per voxel come from a counter-based hash of the global voxel
 index; smooth noise is value noise on a global lattice; per-voxel arithmetic uses only
@@ -70,10 +72,16 @@ _TILE = 8  # voxels per side of the tiles of the nearest-seed search
 _MITO_RADIUS_NM = (38.0, 62.0)
 _MITO_LENGTH_NM = (220.0, 620.0)
 _MITO_GAP_NM = 22.0  # clearance between a mitochondrion and its host's membrane
-_MITO_FRACTION_TARGET = 0.105  # sets the number of tubes per nm³ (clipping removes some)
+_MITO_FRACTION_TARGET = 0.105  # sets how many tubes are wanted; clipping and
+# the clearance between tubes leave about 6-7 % of the voxels mitochondria
 _MITO_P_BRANCH = 0.3
 _MITO_P_TOUCH = 0.25
 _MITO_OUTER_BAND_NM = 7.0  # the outer membrane blurs this far outside the label
+_MITO_CLEARANCE_NM = 12.0  # least gap between two mitochondria that do not touch on purpose
+_MITO_PULL = 0.25  # how far each tube's centre moves towards its cell's seed
+_MITO_ATTEMPTS = 8  # at most this many candidates per mitochondrion wanted
+_MITO_BATCH = 256  # candidates whose host is tested at once
+_TUBE_STEP_NM = 8.0  # spacing of the centre-line points of the clearance check
 
 _VESICLE = {  # small synaptic-like vesicles, clustered
     "spacing": 72.0,
@@ -275,6 +283,79 @@ def _random_path(
     return np.asarray(pts)
 
 
+def _line_points(line: np.ndarray) -> np.ndarray:
+    """Points along a polyline, at most ``_TUBE_STEP_NM`` apart, ends included."""
+    pts = []
+    for a, b in zip(line[:-1], line[1:], strict=True):
+        steps = max(1, int(np.ceil(np.linalg.norm(b - a) / _TUBE_STEP_NM)))
+        pts.append(a + (b - a) * (np.arange(steps) / steps)[:, None])
+    pts.append(line[-1:])
+    return np.concatenate(pts)
+
+
+def _runs(mask: np.ndarray) -> int:
+    """How many separate runs of True a 1-D mask has."""
+    return int(np.count_nonzero(np.diff(np.concatenate([[False], mask]).astype(np.int8)) == 1))
+
+
+def _drawn_part(
+    lines: Sequence[np.ndarray], in_host: Sequence[np.ndarray], radius: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The centre-line points (and radii) whose tube can be drawn: those inside the host
+    and, since voxels inside the host within a radius of the line are drawn too, those
+    within a radius of such a point along the line. The radius is the largest the piece
+    can draw (it varies by up to 15 %), so a check on these points is conservative.
+    """
+    r = 1.15 * radius
+    reach = int(np.ceil(r / _TUBE_STEP_NM)) + 1
+    kept = []
+    for pts, mask in zip(lines, in_host, strict=True):
+        full = np.convolve(mask.astype(np.int32), np.ones(2 * reach + 1, np.int32))
+        near = full[reach : reach + len(mask)] > 0
+        kept.append(pts[near])
+    points = np.concatenate(kept) if kept else np.zeros((0, 3))
+    return points, np.full(len(points), r)
+
+
+def _collide(p: np.ndarray, rp: np.ndarray, q: np.ndarray, rq: np.ndarray) -> bool:
+    """Whether two tubes (centre points and radii) come closer than the clearance."""
+    if len(p) == 0 or len(q) == 0:
+        return False
+    d2 = ((p[:, None, :] - q[None, :, :]) ** 2).sum(-1)
+    reach = rp[:, None] + rq[None, :] + _MITO_CLEARANCE_NM + _TUBE_STEP_NM / 2
+    return bool(np.any(d2 < reach * reach))
+
+
+class _TubeIndex:
+    """The tubes kept so far, with bounding boxes to find the few a candidate could touch."""
+
+    def __init__(self) -> None:
+        self._tubes: list[tuple[np.ndarray, np.ndarray]] = []
+        self._lo = np.zeros((64, 3))  # grown by doubling; rows past len(_tubes) unused
+        self._hi = np.zeros((64, 3))
+
+    def add(self, points: np.ndarray, radii: np.ndarray) -> None:
+        if len(points) == 0:
+            return
+        k = len(self._tubes)
+        if k == len(self._lo):
+            self._lo = np.concatenate([self._lo, np.zeros_like(self._lo)])
+            self._hi = np.concatenate([self._hi, np.zeros_like(self._hi)])
+        r = radii.max() + _MITO_CLEARANCE_NM + _TUBE_STEP_NM
+        self._lo[k] = points.min(0) - r
+        self._hi[k] = points.max(0) + r
+        self._tubes.append((points, radii))
+
+    def collides(self, points: np.ndarray, radii: np.ndarray) -> bool:
+        if len(points) == 0:
+            return False
+        r = radii.max()
+        lo, hi = points.min(0) - r, points.max(0) + r
+        k = len(self._tubes)
+        near = np.nonzero(np.all((self._lo[:k] < hi) & (self._hi[:k] > lo), axis=1))[0]
+        return any(_collide(points, radii, *self._tubes[j]) for j in near)
+
+
 # --- the volume -----------------------------------------------------------------------------
 
 
@@ -464,6 +545,18 @@ class SyntheticVolume:
     # -- mitochondria ----------------------------------------------------------------------
 
     def _make_mitos(self) -> list[_Mito]:
+        """Draw the mitochondria: tubes that never pass through each other.
+
+        Candidates are kept in draw order only if they stay at least
+        ``_MITO_CLEARANCE_NM`` clear of every tube kept before in the same host cell (a
+        touching partner is the one deliberate exception: it overlaps its own tube by a
+        few nm). Tubes in different cells cannot meet, since each is clipped inside its
+        own membrane, and only the part of a tube inside (or near) its host is drawn, so
+        only that part is checked. A tube whose centre line leaves its host and comes back
+        is dropped: it would be drawn as two pieces. Real mitochondria do not
+        interpenetrate, and a tube drawn through another would leave one id in two pieces,
+        which no instance method can -- or should -- recover as one object.
+        """
         rng = np.random.default_rng([self.seed, 0x6D69746F])
         margin = _MITO_LENGTH_NM[1] / 2
         lo, hi = -margin, self._extent_nm + margin
@@ -473,21 +566,69 @@ class SyntheticVolume:
             math.pi * mean_r**2 * mean_len * (1 + _MITO_P_BRANCH * 0.5 + _MITO_P_TOUCH * 0.6)
         )
         n = rng.poisson(_MITO_FRACTION_TARGET * np.prod(hi - lo) / mean_volume)
-        centres = rng.uniform(lo, hi, size=(n, 3))
-        # pull each centre halfway to its neuron's seed, so tubes sit inside cells rather
+        attempts = _MITO_ATTEMPTS * n
+        centres = rng.uniform(lo, hi, size=(attempts, 3))
+        # pull each centre towards its neuron's seed, so tubes sit inside cells rather
         # than across walls (they are clipped at the wall anyway)
         q = self._warp_points(centres)
         near = self._nearest_cells(q)
-        centres = centres + 0.5 * (self._seed_points(near) - q)
+        centres = centres + _MITO_PULL * (self._seed_points(near) - q)
         hosts = self.neuron_at(centres)
+        candidates = [self._mito_paths(rng, c) for c in centres]
 
         mitos: list[_Mito] = []
-        for i in range(n):
-            paths = self._mito_paths(rng, centres[i])
+        kept: dict[int, _TubeIndex] = {}
+        groups = 0
+        for i, paths in enumerate(candidates):
+            if groups == n:
+                break
+            if i % _MITO_BATCH == 0:  # host tests for the next batch of candidates at once
+                lines, in_host = self._lines_in_host(candidates[i : i + _MITO_BATCH],
+                                                     hosts[i : i + _MITO_BATCH])
+                at = 0
+            tubes, ok = [], True
+            for p in paths:
+                k = len(p["lines"])
+                masks, pts = in_host[at : at + k], lines[at : at + k]
+                at += k
+                ok = ok and all(_runs(m) <= 1 for m in masks)
+                tubes.append(_drawn_part(pts, masks, p["radius"]))
+            if not ok:
+                continue
+            index = kept.setdefault(int(hosts[i]), _TubeIndex())
+            if any(index.collides(*t) for t in tubes):
+                continue
+            # the partner (second path) may overlap its own tube's main line, not its branch
+            if len(tubes) == 2 and len(paths[0]["lines"]) == 2:
+                b = at - 2  # lines of this candidate: main, branch, partner
+                branch = _drawn_part([lines[b]], [in_host[b]], paths[0]["radius"])
+                if _collide(*tubes[1], *branch):
+                    continue
+            for t in tubes:
+                index.add(*t)
+            groups += 1
             mitos.extend(
                 self._mito_object(rng, len(mitos) + 1, int(hosts[i]), path) for path in paths
             )
         return mitos
+
+    def _lines_in_host(
+        self, candidates: Sequence[list[dict]], hosts: np.ndarray
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Points along every centre line of the candidates, and which lie in the host."""
+        lines = [_line_points(line) for paths in candidates for p in paths for line, _ in p["lines"]]
+        counts = [sum(len(p["lines"]) for p in paths) for paths in candidates]
+        sizes = [len(x) for x in lines]
+        host = np.repeat(np.repeat(hosts, counts), sizes)
+        inside = self.neuron_at(np.concatenate(lines)) == host
+        return lines, np.split(inside, np.cumsum(sizes)[:-1])
+
+    @functools.cache  # noqa: B019  (one table per volume, for the volume's lifetime)
+    def _seed_table(self) -> np.ndarray:
+        """Seed positions (nm) of every cell of the grid, indexed by cell index + 2."""
+        n = self._n_cells
+        cells = np.stack(np.meshgrid(*[np.arange(k) - 2 for k in n], indexing="ij"), -1)
+        return self._seed_points(cells.reshape(-1, 3)).reshape(*n, 3)
 
     def _nearest_cells(self, q: np.ndarray) -> np.ndarray:
         """The cell index of the nearest seed to warped points ``q`` ``(n, 3)`` nm.
@@ -499,11 +640,13 @@ class SyntheticVolume:
         cell = _NEURON_CELL_NM
         base = np.floor(q / cell).astype(np.int64)
         offsets = np.stack(np.meshgrid(*[np.arange(-2, 3)] * 3, indexing="ij"), -1).reshape(-1, 3)
+        table = self._seed_table()
         best_d = np.full(len(q), np.inf)
         best = base.copy()
         for off in offsets:
             c = np.clip(base + off, -2, self._n_cells - 3)
-            d = ((self._seed_points(c) - q) ** 2).sum(1)
+            seeds = table[c[:, 0] + 2, c[:, 1] + 2, c[:, 2] + 2]
+            d = ((seeds - q) ** 2).sum(1)
             better = d < best_d
             best_d[better], best[better] = d[better], c[better]
         return best

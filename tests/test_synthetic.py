@@ -129,6 +129,23 @@ def test_mitochondria_are_distinctive_and_plentiful(medium_volume):
     assert touching > 0
 
 
+def test_mitochondria_do_not_pass_through_each_other():
+    """Each id away from the volume's faces is one 26-connected object, so a perfect
+    instance method can recover it; touching pairs stay (touching, not interpenetrating)."""
+    import cc3d
+
+    for seed in (0, 1):
+        mito = make_volume((128, 128, 128), seed=seed)["mito_ids"]
+        inner = np.zeros_like(mito, dtype=bool)
+        inner[1:-1, 1:-1, 1:-1] = True
+        on_face = np.unique(mito[~inner])
+        pieces = cc3d.connected_components(mito, connectivity=26)  # splits at id changes
+        ids = np.setdiff1d(np.unique(mito), np.append(on_face, 0))
+        assert len(ids) >= 10
+        per_id = {int(i): len(np.unique(pieces[mito == i])) for i in ids}
+        assert all(n == 1 for n in per_id.values()), {i: n for i, n in per_id.items() if n > 1}
+
+
 def test_elongated_mitochondria(medium_volume):
     mito = medium_volume["mito_ids"]
     ids, counts = np.unique(mito[mito > 0], return_counts=True)
