@@ -158,10 +158,13 @@ def score_instances(config: Any, checkpoint: str, test_url: str, args: argparse.
     foreground (``label``'s modes, on the whole volume in memory)."""
     import numpy as np
 
-    from catena_mito.checkpoint import build_model_from_checkpoint, load_checkpoint
-    from catena_mito.data import read_training_volume
-    from catena_mito.targets import checkpoint_targets
-    from catena_mito.train import target_probabilities
+    try:
+        from catena_mito.checkpoint import build_model_from_checkpoint, load_checkpoint
+        from catena_mito.data import read_training_volume
+        from catena_mito.targets import checkpoint_targets
+        from catena_mito.train import target_probabilities
+    except ImportError:  # an older checkout (PYTHONPATH=...): foreground IoU only
+        return {}
 
     ckpt = load_checkpoint(checkpoint)
     targets = checkpoint_targets(ckpt)

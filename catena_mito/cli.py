@@ -208,8 +208,9 @@ def label(config_path: str, overrides: tuple[str, ...], shard_index: int | None,
 @click.option("--block-shape", nargs=3, type=int, default=None, help="Block read at a time, Z Y X voxels (default ~128^3 in whole chunks).")
 @click.option("--instance-modes", "instance_modes", type=click.Choice(["auto", "connected_components", "contour"]), multiple=True, help="Also make instances from the prediction in these label modes (auto: every mode that can run; contour needs <prediction>_contour) and score each; the whole volume in memory. Repeatable.")
 @click.option("--label-config", "label_config", metavar="YAML", default=None, help="With --instance-modes: take the instance settings (thresholds, sizes, growth) from this label config; default: label's defaults.")
+@click.option("--min-gt-size", "min_gt_size", type=int, default=0, show_default=True, metavar="VOXELS", help="Also score the instances without the ground-truth objects under this many voxels (slivers cut by a crop's faces; predictions lying mostly on them are left out too); the main scores count every object.")
 @_allow_incomplete_option
-def evaluate(gt: str, prediction: str | None, instances: str | None, threshold: float, iou_thresholds: tuple[float, ...], json_url: str | None, block_shape: tuple[int, int, int] | None, instance_modes: tuple[str, ...], label_config: str | None, allow_incomplete: bool) -> None:
+def evaluate(gt: str, prediction: str | None, instances: str | None, threshold: float, iou_thresholds: tuple[float, ...], json_url: str | None, block_shape: tuple[int, int, int] | None, instance_modes: tuple[str, ...], label_config: str | None, min_gt_size: int, allow_incomplete: bool) -> None:
     """Score probabilities (Dice/IoU) and instances (precision, recall, F1, AP) against ground truth.
 
     Reads block by block, so volumes of any size fit (--instance-modes excepted). AP at IoU t is TP / (TP + FP + FN)
@@ -222,7 +223,7 @@ def evaluate(gt: str, prediction: str | None, instances: str | None, threshold: 
 
     settings = instance_settings_of(_load("LabelConfig", label_config, ())) if label_config else None
     modes = "auto" if "auto" in instance_modes else list(instance_modes)
-    report = run(gt, prediction, instances, threshold=threshold, iou_thresholds=iou_thresholds, block_shape=block_shape, progress=_bars(), allow_incomplete=allow_incomplete, instance_modes=modes or None, label_settings=settings)
+    report = run(gt, prediction, instances, threshold=threshold, iou_thresholds=iou_thresholds, block_shape=block_shape, progress=_bars(), allow_incomplete=allow_incomplete, instance_modes=modes or None, label_settings=settings, min_gt_size=min_gt_size)
     click.echo(format_report(report))
     if json_url:
         write_report(report, json_url)

@@ -103,11 +103,13 @@ def binarise(block: np.ndarray, threshold: float) -> np.ndarray:
     raise DataError(f"prediction dtype {block.dtype} is not a probability (expected uint8 or float)")
 
 
-def check_options(threshold: float, iou_thresholds: Sequence[float]) -> None:
+def check_options(threshold: float, iou_thresholds: Sequence[float], min_gt_size: int = 0) -> None:
     """Refuse out-of-range options as usage errors (exit 2) before anything is read."""
     if not 0.0 <= threshold <= 1.0:  # also refuses NaN
         raise ConfigError(f"--threshold {threshold!r}: a probability threshold must be in [0, 1]")
     check_iou_thresholds(iou_thresholds)
+    if isinstance(min_gt_size, bool) or not isinstance(min_gt_size, (int, np.integer)) or min_gt_size < 0:
+        raise ConfigError(f"--min-gt-size {min_gt_size!r}: expected a voxel count >= 0")
 
 
 def evaluate(
@@ -123,6 +125,7 @@ def evaluate(
     allow_incomplete: bool = False,
     instance_modes: Sequence[str] | str | None = None,
     label_settings: Mapping[str, Any] | None = None,
+    min_gt_size: int = 0,
 ) -> dict[str, Any]:
     """Score ``prediction`` and/or ``instances`` against ``gt``; returns a JSON-able report.
 
@@ -134,8 +137,11 @@ def evaluate(
     refused (:class:`~catena_mito.errors.IncompleteInputError`) unless ``allow_incomplete``.
     ``instance_modes``: ``"auto"`` or a list of modes to decode from the prediction and
     score (see the module docstring), with ``label_settings`` (LabelConfig fields).
+    ``min_gt_size`` > 0 adds instance scores without the ground-truth objects under that
+    many voxels (:func:`~catena_mito.instance_metrics.without_small_truth`) beside the
+    scores of every object.
     """
-    check_options(threshold, iou_thresholds)
+    check_options(threshold, iou_thresholds, min_gt_size)
     gt_url, dataset = resolve_gt(gt, storage_options)
     if dataset is not None and prediction is None and instances is None:
         for default, kind in ((storage.prediction_path("mito"), "prediction"), (storage.INSTANCES_PATH, "instances")):
@@ -200,14 +206,15 @@ def evaluate(
         report["semantic"] = {"prediction": storage.redact_url(prediction), "threshold": threshold, **semantic.scores()}
     if modes:
         report["instance_modes"] = score_instance_modes(
-            gt_arr, prediction, modes, label_settings, iou_thresholds, storage_options, allow_incomplete)
+            gt_arr, prediction, modes, label_settings, iou_thresholds, storage_options, allow_incomplete,
+            min_gt_size)
     if contingency is not None:
         report["instances"] = {
             "instances": storage.redact_url(instances),
             "ap_definition": "TP / (TP + FP + FN) at each IoU threshold with optimal one-to-one matching; "
                              "mean_ap averages IoU 0.50:0.05:0.95; mitoem_ap/coco_ap: ranked, 101-point "
                              "interpolated AP (MitoEM challenge / COCO matching), coco_map their COCO mean",
-            **instance_scores(contingency.tables(), iou_thresholds),
+            **instance_scores(contingency.tables(), iou_thresholds, min_gt_size),
         }
     return report
 
@@ -282,6 +289,7 @@ def score_instance_modes(
     iou_thresholds: Sequence[float],
     storage_options: Mapping[str, Any] | None = None,
     allow_incomplete: bool = False,
+    min_gt_size: int = 0,
 ) -> dict[str, Any]:
     """Each mode's instances (``label``'s ids, computed in memory) scored against ``gt_arr``."""
     from catena_mito.instances import InstanceSettings, instances_whole_volume
@@ -306,7 +314,7 @@ def score_instance_modes(
         table.update(truth, ids)
         out[mode] = {"settings": settings.description() | {"thres_foreground": settings.thres_foreground,
                                                             "thres_small_instances": settings.thres_small_instances},
-                     **instance_scores(table.tables(), iou_thresholds)}
+                     **instance_scores(table.tables(), iou_thresholds, min_gt_size)}
     return out
 
 
@@ -322,6 +330,13 @@ def _instance_table(title: str, inst: Mapping[str, Any]) -> list[str]:
             f"{row['precision']:8.4f}{row['recall']:8.4f}{row['f1']:8.4f}{row['ap']:8.4f}"
         )
     lines.append(f"  mean AP (IoU 0.50:0.05:0.95): {inst['mean_ap']:.4f}   AP = TP / (TP + FP + FN)")
+    small = inst.get("without_small_truth")
+    if small:
+        f1 = "  ".join(f"@{t} {row['f1']:.4f}" for t, row in small["thresholds"].items())
+        lines.append(
+            f"  without the {small['n_gt_ignored']} ground-truth objects under {small['min_gt_size']} voxels "
+            f"(and {small['n_pred_ignored']} predictions on them): F1 {f1}, mean AP {small['mean_ap']:.4f}"
+        )
     return lines
 
 

@@ -18,6 +18,7 @@ from catena_mito.instance_metrics import (
     instance_scores,
     match_instances,
     pair_ious,
+    without_small_truth,
 )
 
 # One row of ten voxels, shape (1, 1, 10) — small enough to count by hand.
@@ -256,7 +257,57 @@ def test_matching_equals_brute_force(gt, pred, t):
     assert len(iou) == n and float(iou.sum()) == pytest.approx(total)
 
 
-@pytest.mark.parametrize("args", [["--iou", "1.5"], ["--iou", "0"], ["--iou", "nan"], ["--threshold", "2"]])
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(0, 4), min_size=24, max_size=24),
+    st.lists(st.integers(0, 5), min_size=24, max_size=24),
+    st.integers(1, 6),
+)
+def test_scores_without_small_truth_equal_scoring_volumes_without_them(gt, pred, min_size):
+    """Leaving out small ground-truth objects in the tables == erasing them (and the
+    predictions lying mostly on them) from the volumes before counting."""
+    gt = np.array(gt).reshape(1, 4, 6)
+    pred = np.array(pred).reshape(1, 4, 6)
+    tables = _tables(gt, pred)
+    filtered, n_gt, n_pred = without_small_truth(tables, min_size)
+    ids, sizes = np.unique(gt[gt > 0], return_counts=True)
+    small = ids[sizes < min_size]
+    on_small = np.isin(gt, small)
+    gone = [p for p in np.unique(pred[pred > 0])
+            if np.sum((pred == p) & on_small) > np.sum((pred == p) & (gt > 0) & ~on_small)]
+    # the objects left keep their full sizes (IoU is of the whole object), so compare the
+    # tables restricted to them rather than re-counting erased volumes
+    expect = _tables(np.where(on_small, 0, gt), np.where(np.isin(pred, gone), 0, pred))
+    assert n_gt == len(small) and n_pred == len(gone)
+    assert np.array_equal(filtered["gt_ids"], expect["gt_ids"])
+    assert np.array_equal(filtered["pred_ids"], expect["pred_ids"])
+    kept = np.isin(expect["pred_ids"], filtered["pred_ids"])
+    full = _tables(gt, pred)
+    assert np.array_equal(filtered["pred_sizes"], full["pred_sizes"][np.isin(full["pred_ids"], filtered["pred_ids"])])
+    assert kept.all()
+    pairs = set(zip(filtered["pair_gt"].tolist(), filtered["pair_pred"].tolist(),
+                    filtered["pair_intersection"].tolist()))
+    assert pairs == set(zip(expect["pair_gt"].tolist(), expect["pair_pred"].tolist(),
+                            expect["pair_intersection"].tolist()))
+    scores = instance_scores(tables, (0.5,), min_gt_size=min_size)
+    assert scores["n_gt"] == len(ids)  # the main scores count every object
+    assert scores["without_small_truth"]["n_gt"] == len(ids) - len(small)
+
+
+def test_cli_min_gt_size_reports_both(tmp_path, capsys):
+    from catena_mito.cli import main
+
+    gt = _write(str(tmp_path / "g.zarr"), GT)
+    inst = _write(str(tmp_path / "i.zarr"), INST)
+    main(["evaluate", "--gt", gt, "--instances", inst, "--min-gt-size", "3"])
+    out = capsys.readouterr().out
+    # GT 2 and 3 (2 voxels each) are left out; prediction 7 lies on GT 3 only, 6 on 2
+    assert "without the 2 ground-truth objects under 3 voxels (and 2 predictions on them)" in out
+    assert "(3 ground-truth, 4 predicted objects)" in out
+
+
+@pytest.mark.parametrize("args", [["--iou", "1.5"], ["--iou", "0"], ["--iou", "nan"], ["--threshold", "2"],
+                                  ["--min-gt-size", "-1"]])
 def test_out_of_range_options_are_usage_errors(tmp_path, args, capsys):
     from catena_mito.cli import main
 
