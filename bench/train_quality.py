@@ -27,7 +27,7 @@ thres_small_instances 50; "cc": connected components, "contour": label's contour
     variant                              seed 0          seed 1          seed 2          mean
     before issue 14 (f7558f1), IoU       0.807           0.891           0.842           0.847
     now, one target, IoU                 0.807           0.881           0.812           0.833
-      cc F1                              0.718 / -       0.743 / -       0.647 / -       0.696 / 0.497
+      cc F1                              0.718 / 0.462   0.743 / 0.571   0.629 / 0.457   0.697 / 0.497
     now, two targets (the demo), IoU     0.864           0.894           0.799           0.852
       cc F1                              0.700 / 0.650   0.800 / 0.686   0.684 / 0.474   0.728 / 0.603
       contour F1                         0.810 / 0.619   0.800 / 0.629   0.703 / 0.595   0.771 / 0.614
