@@ -15,6 +15,7 @@ Seed 0 is exactly the demo's data.
     .venv/bin/python bench/train_quality.py [--seeds 0 1 2] [--set key=value ...]
         [--epochs N] [--model-type monai_unet] [--threads 2] [--json out.json]
         [--save-probs DIR]            keep each held-out prediction (npz) for --rescore
+        [--tta flips]                 score the instances (and "scored_iou") of a flips-TTA prediction
     .venv/bin/python bench/train_quality.py --rescore DIR/probs-0.npz ... [--thres-seed 0.8
         --thres-contour 0.5 --thres-small-seeds 32 --grow-distance 8]   (label settings only)
 
@@ -169,7 +170,8 @@ def score_instances(config: Any, checkpoint: str, test_url: str, args: argparse.
     targets = checkpoint_targets(ckpt)
     model = build_model_from_checkpoint(ckpt).eval()
     vol = read_training_volume(test_url, "mito", keep_ids=True)
-    probs = target_probabilities(model, vol.raw, config.patch_size, targets, batch_size=config.batch_size)
+    probs = target_probabilities(model, vol.raw, config.patch_size, targets, batch_size=config.batch_size,
+                                 tta=args.tta)
     if args.save_probs:
         np.savez_compressed(f"{args.save_probs}/probs-{seed}.npz", ids=vol.ids, **probs)
     return decode_and_score(probs, vol.ids, args)
@@ -184,7 +186,11 @@ def decode_and_score(probs: dict[str, Any], ids: Any, args: argparse.Namespace) 
         for t, f1 in f1_at(ids, pred, (0.5, 0.75)).items():
             out[f"{'cc' if mode == 'connected_components' else 'contour'}_f1_{t}"] = f1
         out[f"{'cc' if mode == 'connected_components' else 'contour'}_n_pred"] = int(pred.max())
-    out["n_gt"] = int(len(set(map(int, __import__("numpy").unique(ids)))) - 1)
+    import numpy as np
+
+    out["n_gt"] = int(len(np.unique(ids)) - 1)
+    fg, truth = probs["foreground"] > 0.5, ids > 0  # the IoU of the probabilities scored here
+    out["scored_iou"] = float((fg & truth).sum() / max(1, (fg | truth).sum()))
     return out
 
 
@@ -247,6 +253,9 @@ def main() -> None:
     parser.add_argument("--label", default="", help="a name for this variant in the table")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--save-probs", default=None, help="keep each held-out probability volume here (npz)")
+    parser.add_argument("--tta", choices=("none", "flips"), default="none",
+                        help="test-time augmentation of the instance scoring (predict's tta); "
+                             "the foreground IoU is training's validation, without it")
     parser.add_argument("--rescore", nargs="+", default=None, metavar="NPZ",
                         help="no training: score saved probabilities (--save-probs) with other label thresholds")
     parser.add_argument("--thres-foreground", type=float, default=DEMO_LABEL["thres_foreground"],
@@ -299,7 +308,8 @@ def main() -> None:
 
 def print_instances(rows: list[dict[str, Any]]) -> None:
     """Instance F1 per seed and mode (cc: connected components; contour: seeds + growth)."""
-    cols = [c for c in ("cc_f1_0.5", "cc_f1_0.75", "contour_f1_0.5", "contour_f1_0.75") if c in rows[0]]
+    cols = [c for c in ("scored_iou", "cc_f1_0.5", "cc_f1_0.75", "contour_f1_0.5", "contour_f1_0.75")
+            if c in rows[0]]
     if not cols:  # an older checkout: no instance scores
         return
     print(f"{'seed':>4} {'n_gt':>5} " + " ".join(f"{c:>16}" for c in cols) + f" {'cc n':>5} {'contour n':>9}")

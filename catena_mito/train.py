@@ -562,19 +562,20 @@ def target_probabilities(
     batch_size: int = 2,
     device: torch.device | str = "cpu",
     amp: bool = False,
+    tta: str = "none",
 ) -> dict[str, np.ndarray]:
     """Whole-volume sliding-window probabilities (z, y, x) of every target, by name.
 
     Through :func:`catena_mito.inference.sliding_window_predict`, predict's code path, with
     the training patch as window and predict's default stride; every target from one
-    forward pass per window.
+    forward pass per window (per flip with ``tta="flips"``, as predict's ``tta``).
     """
     from catena_mito.inference import sliding_window_predict
     from catena_mito.targets import validate_targets
 
     targets = validate_targets(targets)
     probs = sliding_window_predict(net, raw, tuple(patch_size), None,  # None: predict's default stride
-                                   batch_size=batch_size, device=str(device), amp=amp, targets=targets)
+                                   batch_size=batch_size, device=str(device), amp=amp, tta=tta, targets=targets)
     if len(targets) == 1:
         return {targets[0]: probs}
     return {name: probs[c] for c, name in enumerate(targets)}
