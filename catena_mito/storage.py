@@ -592,11 +592,14 @@ def _store_format(url: str, storage_options: Mapping[str, Any] | None) -> int:
 # --- small files (configs, markers, merge state) -------------------------------------------
 
 
-def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None,
+                sync: bool = True) -> None:
     """Write ``data`` to ``url`` so that a reader sees the old object or the whole new one.
 
     Local files are written to a temporary name beside the target and renamed (atomic on
-    POSIX); object stores publish a PUT atomically on their own.
+    POSIX); object stores publish a PUT atomically on their own. ``sync=False`` skips the
+    ``fsync`` of a local file (bulk intermediates, which are no more durable than the Zarr
+    chunks written beside them; markers and records keep it).
     """
     fs, path = get_fs(url, storage_options)
     try:
@@ -608,7 +611,8 @@ def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if sync:
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         else:
             parent = posixpath.dirname(path)
