@@ -282,10 +282,10 @@ def cmd_speed(args) -> None:
         for name, r in (("connected_components", cc), ("contour", ct)):
             print(f"  label {name:24s}  {r['seconds']:.2f} s, CPU {r['cpu_seconds']:.2f} s, peak "
                   f"{r['peak_rss'] / mib:.0f} MiB, {r['objects']} objects")
-        print(f"time contour / connected_components:  wall {ct['seconds'] / cc['seconds']:.2f}, "
+        print(f"{'time contour / connected_components:':40s}wall {ct['seconds'] / cc['seconds']:.2f}, "
               f"CPU {ct['cpu_seconds'] / cc['cpu_seconds']:.2f}  (goal <= 2.5)")
         for name, r in (("contour", ct), ("connected_components", cc)):
-            print(f"time {name} / bare cc3d:{' ' * (21 - len(name))}wall {r['seconds'] / bare['seconds']:.1f}, "
+            print(f"{'time ' + name + ' / bare cc3d:':40s}wall {r['seconds'] / bare['seconds']:.1f}, "
                   f"CPU {r['cpu_seconds'] / bare['cpu_seconds']:.1f}  (context)")
         big, small = memory[args.size], memory[args.small]
         print(f"contour, blocks {args.memory_block}³: {args.size}³ peak {big['peak_rss'] / mib:.0f} MiB "

@@ -718,6 +718,12 @@ class _LabelTask:
         where = storage.redact_url(url)
         try:
             return Packed(storage.read_bytes(url, self.options), where)
+        except StorageError:
+            if storage.exists(url, self.options):
+                raise
+            # e.g. a run begun by a version that kept these in Zarr arrays (same output)
+            raise PhaseError(f"{where!r} is missing though its phase is marked done (removed, or written by "
+                             "an older version of catena-mito); rerun every phase with --overwrite") from None
         except ValueError as e:
             raise DataError(f"{e}; rerun every phase with --overwrite") from e
 
