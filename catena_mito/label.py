@@ -745,15 +745,19 @@ class _LabelTask:
             side, end[a] = "lo", begin[a] + t
         return self._read_packed(self._faces_url(block.index)), "zyx"[a] + side, Roi.from_bounds(begin, end)
 
-    def _global_seeds(self, reader: Block, region: Roi, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        """Global seed ids and the foreground in ``region`` (``reader``'s block and halo), from
-        the provisional labels of every block it overlaps, each mapped through that block's
-        table from the merge (only the face slabs of the blocks around are read)."""
-        seeds = np.zeros(region.shape, dtype)
-        mask = np.zeros(region.shape, bool)
+    def _region_seeds(self, reader: Block, region: Roi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The seeds and the foreground in ``region`` (``reader``'s block and halo), from the
+        provisional labels of every block it overlaps (only the face slabs of the blocks
+        around are read), each mapped through that block's table from the merge.
+
+        The seeds come as ranks ``r`` into ``ids`` (sorted global seed ids, ``ids[0] = 0``),
+        in the smallest dtype that holds them: growing ranks gives the ranks of growing the
+        global ids (the rule compares ids only by order), with less memory traffic.
+        """
         c = self.config.chunk_size
         first = [b // s for b, s in zip(region.begin, c)]
         last = [(e - 1) // s for e, s in zip(region.end, c)]
+        parts = []
         for pos in itertools.product(*(range(lo, hi + 1) for lo, hi in zip(first, last))):
             block = self.grid.block_at(pos)
             table = self._map(block.index)
@@ -761,16 +765,22 @@ class _LabelTask:
             if int(packed.meta.get("labels", -1)) != len(table) - 1:
                 raise DataError(f"{packed.where} has {packed.meta.get('labels')} provisional labels, the merge "
                                 f"{len(table) - 1}; rerun every phase with --overwrite")
+            parts.append((block, table, packed, name, covered))
+        ids = np.unique(np.concatenate([np.zeros(1, parts[0][1].dtype)] + [t for _, t, *_ in parts]))
+        seeds = np.zeros(region.shape, smallest_uint(len(ids) - 1))
+        mask = np.zeros(region.shape, bool)
+        for block, table, packed, name, covered in parts:
             part = block.write_roi.intersect(region)
             local = packed.get(name)[part.to_slices(covered)]
             if local.size and int(local.max()) > len(table):
                 raise DataError(f"provisional labels of block {block.index} exceed its {len(table) - 1} "
                                 "labels of the merge; rerun every phase with --overwrite")
-            # label n + 1 (foreground without a seed) maps to no seed
+            # label n + 1 (foreground without a seed) maps to no seed (rank 0)
+            ranks = np.searchsorted(ids, np.append(table, 0)).astype(seeds.dtype)
             out = part.to_slices(region)
-            seeds[out] = np.append(table, 0).astype(dtype, copy=False)[local]
+            seeds[out] = ranks[local]
             np.not_equal(local, 0, out=mask[out])
-        return seeds, mask
+        return seeds, mask, ids
 
     def _grow_counts(self, i: int) -> str:
         return self.url("grow", "counts", f"{i}.npz")
@@ -802,14 +812,15 @@ class _LabelTask:
 
             roi = block.write_roi
             region = roi.grow(distance).intersect(volume)
-            seeds, mask = self._global_seeds(block, region, dtype)
+            seeds, mask, region_ids = self._region_seeds(block, region)
             grown = grow(seeds, mask, self.config.connectivity, distance)[roi.to_slices(region)]
             del seeds, mask
             # block-local ids (the smallest dtype): relabel maps them through ``ids``
             local, mapping = fastremap.renumber(np.ascontiguousarray(grown), preserve_zero=True, in_place=True)
-            ids = np.zeros(max(mapping.values(), default=0) + 1, np.uint64)
-            for g, k in mapping.items():
-                ids[k] = g
+            ranks = np.zeros(max(mapping.values(), default=0) + 1, np.int64)
+            for r, k in mapping.items():
+                ranks[k] = r
+            ids = region_ids[ranks].astype(dtype, copy=False)
             local = local.astype(smallest_uint(len(ids) - 1), copy=False)
             uniq, counts = fastremap.unique(local, return_counts=True)
             keep = uniq != 0
