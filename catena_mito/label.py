@@ -26,13 +26,15 @@ Every phase runs through the one block runner (:mod:`catena_mito.blockwise.runne
 ``thres_small_seeds`` voxels dropped), then two more phases::
 
     blocks   (sharded)  as above, on the seeds; also writes the block's provisional seed
-                        labels and its foreground (largest id value = foreground outside
-                        seeds) into W/runs/<id>/blocks/ids, chunked by half a block
+                        labels and its foreground (``n + 1`` = foreground outside seeds, in
+                        the smallest dtype) → W/runs/<id>/blocks/labels/<i>.arrays, and its
+                        six face slabs, ``min(grow_distance, extent)`` thick → .../faces/<i>
     merge    (1 proc.)  as above: seed ids 1..S by first voxel
-    grow     (sharded)  per block: read W/runs/<id>/blocks/ids with a halo of
-                        ``grow_distance`` voxels, map each overlapped block's provisional
-                        labels to seed ids, grow (exact with that halo), write the block
-                        → W/runs/<id>/grow/ids, and its per-seed voxel counts
+    grow     (sharded)  per block: read its own labels and the face slabs of the blocks
+                        around (a halo of ``grow_distance`` voxels reaches no further), map
+                        each block's provisional labels to seed ids, grow (exact with that
+                        halo), write the block's grown ids (block-local ids and their seed
+                        ids) → W/runs/<id>/grow/grown/<i>.arrays, and its per-seed counts
     sizes    (1 proc.)  sum the counts; grown objects under ``thres_small_instances``
                         removed; final ids 1..K in seed order → W/runs/<id>/sizes/table.npy
     relabel  (sharded)  map the grown ids of each block → the output array

@@ -50,7 +50,7 @@ def pack(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None
     offset = 0
     for name, a in arrays.items():
         a = np.ascontiguousarray(a)
-        data = bytes(codec.encode(a))
+        data = bytes(codec.encode(a)) if a.size else b""  # zstd cannot decode an empty frame
         index[name] = [offset, len(data), a.dtype.str, list(a.shape)]
         parts.append(data)
         offset += len(data)
@@ -83,5 +83,7 @@ class Packed:
         if name not in self._index:
             raise KeyError(f"{self.where}: no array {name!r} (has {', '.join(self._index)})")
         offset, nbytes, dtype, shape = self._index[name]
+        if not nbytes:
+            return np.zeros(shape, np.dtype(dtype))
         raw = _codec().decode(self._data[offset:offset + nbytes])
         return np.frombuffer(raw, np.dtype(dtype)).reshape(shape)
