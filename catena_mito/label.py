@@ -26,13 +26,15 @@ Every phase runs through the one block runner (:mod:`catena_mito.blockwise.runne
 ``thres_small_seeds`` voxels dropped), then two more phases::
 
     blocks   (sharded)  as above, on the seeds; also writes the block's provisional seed
-                        labels and its foreground (largest id value = foreground outside
-                        seeds) into W/runs/<id>/blocks/ids, chunked by half a block
+                        labels and its foreground (``n + 1`` = foreground outside seeds, in
+                        the smallest dtype) → W/runs/<id>/blocks/labels/<i>.arrays, and its
+                        six face slabs, ``min(grow_distance, extent)`` thick → .../faces/<i>
     merge    (1 proc.)  as above: seed ids 1..S by first voxel
-    grow     (sharded)  per block: read W/runs/<id>/blocks/ids with a halo of
-                        ``grow_distance`` voxels, map each overlapped block's provisional
-                        labels to seed ids, grow (exact with that halo), write the block
-                        → W/runs/<id>/grow/ids, and its per-seed voxel counts
+    grow     (sharded)  per block: read its own labels and the face slabs of the blocks
+                        around (a halo of ``grow_distance`` voxels reaches no further), map
+                        each block's provisional labels to seed ids, grow (exact with that
+                        halo), write the block's grown ids (block-local ids and their seed
+                        ids) → W/runs/<id>/grow/grown/<i>.arrays, and its per-seed counts
     sizes    (1 proc.)  sum the counts; grown objects under ``thres_small_instances``
                         removed; final ids 1..K in seed order → W/runs/<id>/sizes/table.npy
     relabel  (sharded)  map the grown ids of each block → the output array
@@ -108,6 +110,7 @@ from catena_mito.errors import (
 )
 from catena_mito.instances.components import connected_components
 from catena_mito.instances.grow import grow
+from catena_mito.instances.packed import Packed, pack, smallest_uint
 from catena_mito.instances.seeds import distance_halo
 from catena_mito.instances.settings import (
     CONNECTED_COMPONENTS,
@@ -566,27 +569,28 @@ class _LabelTask:
         return np.ascontiguousarray(seeds[inner]), np.ascontiguousarray(mask[inner])
 
     def run_blocks(self, shard_index: int, num_shards: int, overwrite: bool) -> None:
-        # seeded modes also keep each block's provisional seed labels and its foreground
-        # (one small-chunked array, see _provisional), read with a halo by the grow phase
-        prov = self._provisional_array() if self.instances else None
+        # seeded modes also keep each block's provisional seed labels and its foreground,
+        # and their face slabs for the grow halo (see _pack_provisional)
+        seeded = self.instances
 
-        def compute(block: Block, _: Any) -> tuple[bytes, int, np.ndarray | None]:
-            if prov is None:
+        def compute(block: Block, _: Any) -> tuple[bytes, int, tuple[bytes, bytes | None] | None]:
+            if not seeded:
                 labels, n = connected_components(self._block_mask(block.write_roi), self.config.connectivity)
-                ids = None
+                packed = None
             else:
                 seeds, mask = self._block_masks(block.write_roi)
                 labels, n = connected_components(seeds, self.config.connectivity)
-                ids = labels.astype(prov.dtype)
-                ids[mask & (labels == 0)] = np.iinfo(prov.dtype).max
+                packed = self._pack_provisional(labels, n, mask)
             result = BlockResult.from_labels(labels, n, block.write_roi.offset, self.input.shape)
             buffer = io.BytesIO()
             np.savez_compressed(buffer, **result.to_npz_dict())
-            return buffer.getvalue(), n, ids
+            return buffer.getvalue(), n, packed
 
-        def write(block: Block, out: tuple[bytes, int, np.ndarray | None]) -> dict:
-            if prov is not None:
-                prov[block.write_roi.to_slices()] = out[2]
+        def write(block: Block, out: tuple[bytes, int, tuple[bytes, bytes | None] | None]) -> dict:
+            if out[2] is not None:
+                storage.write_bytes(self._labels_url(block.index), out[2][0], self.options, sync=False)
+                if out[2][1] is not None:
+                    storage.write_bytes(self._faces_url(block.index), out[2][1], self.options, sync=False)
             storage.write_bytes(self.block_data(block.index), out[0], self.options)
             return {"labels": out[1]}
 
@@ -671,61 +675,114 @@ class _LabelTask:
 
         with ThreadPoolExecutor(SMALL_FILE_THREADS) as pool:
             list(pool.map(write_map, range(self.grid.num_blocks)))
-        if self.instances:  # created here by the one merge process, as the output
-            storage.create_array(self._ids_url("grow"), self.input.shape, dtype, self._ids_chunks(),
-                                 overwrite=True, storage_options=self.options)
-        elif not self.tiff:
+        if not self.instances and not self.tiff:  # seeded modes: after the sizes phase
             self._create_output(dtype)
         return {"num_objects": table.num_objects, "num_removed": table.num_removed,
                 "dtype": str(dtype), "output_shape": list(self.out_shape)}
 
     # -- grow, sizes (the seeded modes) ---------------------------------------------------
 
-    def _ids_url(self, phase: str) -> str:
-        """The intermediate id volume a seeded phase writes (seed ids, grown ids)."""
-        return self.url(phase, "ids")
+    # Per-block files of the seeded phases (see :mod:`catena_mito.instances.packed`):
+    #   blocks/labels/<i>  the block's provisional seed labels ``1..n``, ``n + 1`` where the
+    #                      foreground has no seed, 0 elsewhere (the smallest dtype that fits)
+    #   blocks/faces/<i>   its face slabs, ``min(grow_distance, extent)`` thick: all that the
+    #                      grow halo of another block can reach of it
+    #   grow/grown/<i>     the grown seed ids of the block, as ``ids[local]``
+    #   grow/counts/<i>    the voxels of each grown seed id in the block (for the sizes phase)
 
-    def _ids_chunks(self) -> tuple[int, int, int]:
-        """Chunks of the intermediate id volumes: the grow phase reads a block with a halo of
-        ``grow_distance``, and each chunk it touches is decoded whole; with chunks of half a
-        block (a divisor of the block, at least the halo and 32 voxels) a halo read decodes
-        about 8 blocks' worth instead of the 27 around it, while chunks stay large enough
-        for zarr's per-chunk overhead (about 1 ms) not to dominate (measured: 64³ beats
-        32³ and 128³ for 128³ blocks)."""
-        out = []
-        for c in self.config.chunk_size:
-            want = max(32, self.settings.grow_distance, -(-c // 2))
-            out.append(next((d for d in range(want, c + 1) if c % d == 0), c))
-        return tuple(out)  # type: ignore[return-value]
+    def _labels_url(self, i: int) -> str:
+        return self.url("blocks", "labels", f"{i}.arrays")
 
-    def _provisional_array(self) -> Any:
-        """The blocks phase's provisional seed labels (open-or-create: shards share it)."""
-        block_voxels = math.prod(self.config.chunk_size)
-        dtype = np.uint32 if block_voxels < np.iinfo(np.uint32).max else np.uint64
-        return storage.create_array(self._ids_url("blocks"), self.input.shape, dtype, self._ids_chunks(),
-                                    storage_options=self.options)
+    def _faces_url(self, i: int) -> str:
+        return self.url("blocks", "faces", f"{i}.arrays")
 
-    def _global_seeds(self, prov: Any, region: Roi, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        """Global seed ids and the foreground in ``region``, from the provisional labels of
-        every block it overlaps, each mapped through that block's table from the merge."""
-        values = np.asarray(prov[region.to_slices()])
-        outside = np.iinfo(values.dtype).max
-        mask = values != 0
-        seeds = np.zeros(region.shape, dtype)
+    def _grown_url(self, i: int) -> str:
+        return self.url("grow", "grown", f"{i}.arrays")
+
+    def _face_thickness(self, extent: int) -> int:
+        return min(self.settings.grow_distance, extent)
+
+    def _pack_provisional(self, labels: np.ndarray, n: int, mask: np.ndarray) -> tuple[bytes, bytes | None]:
+        """The packed provisional labels of a block (mask-only voxels ``n + 1``), and its faces."""
+        local = labels.astype(smallest_uint(n + 1))
+        local[mask & (labels == 0)] = n + 1
+        faces = {}
+        for a, axis in enumerate("zyx"):
+            ext = local.shape[a]
+            t = self._face_thickness(ext)
+            if 0 < t < ext:  # else a neighbour's halo reads the whole block (or nothing)
+                faces[axis + "lo"] = local[(slice(None),) * a + (slice(0, t),)]
+                faces[axis + "hi"] = local[(slice(None),) * a + (slice(ext - t, ext),)]
+        meta = {"labels": int(n)}
+        return pack({"labels": local}, meta), (pack(faces, meta) if faces else None)
+
+    def _read_packed(self, url: str) -> Packed:
+        where = storage.redact_url(url)
+        try:
+            return Packed(storage.read_bytes(url, self.options), where)
+        except StorageError:
+            if storage.exists(url, self.options):
+                raise
+            # e.g. a run begun by a version that kept these in Zarr arrays (same output)
+            raise PhaseError(f"{where!r} is missing though its phase is marked done (removed, or written by "
+                             "an older version of catena-mito); rerun every phase with --overwrite") from None
+        except ValueError as e:
+            raise DataError(f"{e}; rerun every phase with --overwrite") from e
+
+    def _provisional_part(self, block: Block, reader: Block) -> tuple[Packed, str, Roi]:
+        """Where the halo of ``reader`` finds ``block``'s provisional labels: the file, the
+        array in it and the region (global voxels) that array covers."""
+        if block.index == reader.index:
+            return self._read_packed(self._labels_url(block.index)), "labels", block.write_roi
+        roi = block.write_roi
+        a = next(a for a in range(3) if block.grid_position[a] != reader.grid_position[a])
+        ext = roi.shape[a]
+        t = self._face_thickness(ext)
+        if t >= ext:  # no face slabs along this axis: the whole block
+            return self._read_packed(self._labels_url(block.index)), "labels", roi
+        begin, end = list(roi.begin), list(roi.end)
+        if block.grid_position[a] < reader.grid_position[a]:  # before the reader: its last planes
+            side, begin[a] = "hi", end[a] - t
+        else:
+            side, end[a] = "lo", begin[a] + t
+        return self._read_packed(self._faces_url(block.index)), "zyx"[a] + side, Roi.from_bounds(begin, end)
+
+    def _region_seeds(self, reader: Block, region: Roi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The seeds and the foreground in ``region`` (``reader``'s block and halo), from the
+        provisional labels of every block it overlaps (only the face slabs of the blocks
+        around are read), each mapped through that block's table from the merge.
+
+        The seeds come as ranks ``r`` into ``ids`` (sorted global seed ids, ``ids[0] = 0``),
+        in the smallest dtype that holds them: growing ranks gives the ranks of growing the
+        global ids (the rule compares ids only by order), with less memory traffic.
+        """
         c = self.config.chunk_size
         first = [b // s for b, s in zip(region.begin, c)]
         last = [(e - 1) // s for e, s in zip(region.end, c)]
+        parts = []
         for pos in itertools.product(*(range(lo, hi + 1) for lo, hi in zip(first, last))):
             block = self.grid.block_at(pos)
             table = self._map(block.index)
-            part = block.write_roi.intersect(region).to_slices(region)
-            local = values[part]
-            local = np.where(local == outside, 0, local)
-            if local.size and int(local.max()) >= len(table):
+            packed, name, covered = self._provisional_part(block, reader)
+            if int(packed.meta.get("labels", -1)) != len(table) - 1:
+                raise DataError(f"{packed.where} has {packed.meta.get('labels')} provisional labels, the merge "
+                                f"{len(table) - 1}; rerun every phase with --overwrite")
+            parts.append((block, table, packed, name, covered))
+        ids = np.unique(np.concatenate([np.zeros(1, parts[0][1].dtype)] + [t for _, t, *_ in parts]))
+        seeds = np.zeros(region.shape, smallest_uint(len(ids) - 1))
+        mask = np.zeros(region.shape, bool)
+        for block, table, packed, name, covered in parts:
+            part = block.write_roi.intersect(region)
+            local = packed.get(name)[part.to_slices(covered)]
+            if local.size and int(local.max()) > len(table):
                 raise DataError(f"provisional labels of block {block.index} exceed its {len(table) - 1} "
                                 "labels of the merge; rerun every phase with --overwrite")
-            seeds[part] = table[local]
-        return seeds, mask
+            # label n + 1 (foreground without a seed) maps to no seed (rank 0)
+            ranks = np.searchsorted(ids, np.append(table, 0)).astype(seeds.dtype)
+            out = part.to_slices(region)
+            seeds[out] = ranks[local]
+            np.not_equal(local, 0, out=mask[out])
+        return seeds, mask, ids
 
     def _grow_counts(self, i: int) -> str:
         return self.url("grow", "counts", f"{i}.npz")
@@ -736,13 +793,6 @@ class _LabelTask:
                              f"config's instance_mode resolves to {self.mode!r}, whose phases are blocks, merge, "
                              "relabel, clean")
 
-    def _open_ids(self, phase: str, mode: str) -> Any:
-        arr = storage.open_array(self._ids_url(phase), self.options, mode=mode)
-        if tuple(arr.shape) != tuple(self.input.shape):
-            raise StorageError(f"{storage.redact_url(self._ids_url(phase))!r} is {list(arr.shape)}, expected "
-                               f"{list(self.input.shape)}; rerun --phase merge with --overwrite")
-        return arr
-
     def run_grow(self, shard_index: int, num_shards: int, overwrite: bool, wait_timeout: float) -> None:
         """Grow the seeds into the foreground; each block reads a halo of ``grow_distance``."""
         self._require_instances("grow")
@@ -750,8 +800,7 @@ class _LabelTask:
         self.wait_for(lambda: [] if merge.is_done(0) else ["the merge marker"], wait_timeout,
                       f"the label merge of run {self.spec.run_id} at {self.store.shown}",
                       "run `catena-mito label --phase merge` first")
-        prov = self._open_ids("blocks", "r")
-        out = self._open_ids("grow", "r+")
+        dtype = np.dtype(merge.read(0)["dtype"])
         distance = self.settings.grow_distance
         volume = self.grid.volume_roi
         self._maps = OrderedDict()
@@ -760,22 +809,30 @@ class _LabelTask:
         _, gy, gx = self.grid.grid_shape
         self._map_cache = max(64, 2 * (gy * gx + gx + 1) + 2 * self.threads)
 
-        def compute(block: Block, _: Any) -> tuple[np.ndarray, bytes]:
-            roi = block.write_roi
-            region = roi.grow(distance).intersect(volume)
-            seeds, mask = self._global_seeds(prov, region, out.dtype)
-            grown = grow(seeds, mask, self.config.connectivity, distance)[roi.to_slices(region)]
+        def compute(block: Block, _: Any) -> tuple[bytes, bytes]:
             import fastremap
 
-            uniq, counts = fastremap.unique(grown, return_counts=True)
+            roi = block.write_roi
+            region = roi.grow(distance).intersect(volume)
+            seeds, mask, region_ids = self._region_seeds(block, region)
+            grown = grow(seeds, mask, self.config.connectivity, distance)[roi.to_slices(region)]
+            del seeds, mask
+            # block-local ids (the smallest dtype): relabel maps them through ``ids``
+            local, mapping = fastremap.renumber(np.ascontiguousarray(grown), preserve_zero=True, in_place=True)
+            ranks = np.zeros(max(mapping.values(), default=0) + 1, np.int64)
+            for r, k in mapping.items():
+                ranks[k] = r
+            ids = region_ids[ranks].astype(dtype, copy=False)
+            local = local.astype(smallest_uint(len(ids) - 1), copy=False)
+            uniq, counts = fastremap.unique(local, return_counts=True)
             keep = uniq != 0
             buffer = io.BytesIO()
-            np.savez_compressed(buffer, ids=np.asarray(uniq[keep], np.int64),
+            np.savez_compressed(buffer, ids=np.asarray(ids[uniq[keep]], np.int64),
                                 counts=np.asarray(counts[keep], np.int64))
-            return np.ascontiguousarray(grown), buffer.getvalue()
+            return pack({"local": local, "ids": ids}), buffer.getvalue()
 
-        def write(block: Block, result: tuple[np.ndarray, bytes]) -> None:
-            out[block.write_roi.to_slices()] = result[0]
+        def write(block: Block, result: tuple[bytes, bytes]) -> None:
+            storage.write_bytes(self._grown_url(block.index), result[0], self.options, sync=False)
             storage.write_bytes(self._grow_counts(block.index), result[1], self.options)
 
         self._run("grow", self.grid.blocks(), BlockSteps(compute=compute, write=write, parallel=True),
@@ -880,7 +937,6 @@ class _LabelTask:
         dtype = np.dtype(info["dtype"])
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._sizes: np.ndarray | None = None
-        self._grown: Any = self._open_ids("grow", "r") if self.instances else None
         if self.tiff:
             self._relabel_tiff(dtype, overwrite)
             return
@@ -963,11 +1019,19 @@ class _LabelTask:
                     self._sizes = np.load(io.BytesIO(data)).astype(dtype, copy=False)
             if not self._sizes.any():
                 return None
-            grown = np.asarray(self._grown[block.write_roi.to_slices()])
-            if grown.size and int(grown.max()) >= len(self._sizes):
+            packed = self._read_packed(self._grown_url(block.index))
+            ids = packed.get("ids")
+            if ids.size and int(ids.max()) >= len(self._sizes):
                 raise DataError(f"grown ids of block {block.index} exceed the {len(self._sizes) - 1} seeds "
                                 "of the sizes table; rerun every phase with --overwrite")
-            return self._sizes[grown]
+            lut = self._sizes[ids]
+            if not lut.any():  # no kept object here
+                return None
+            local = packed.get("local")
+            if tuple(local.shape) != tuple(block.write_roi.shape):
+                raise DataError(f"{packed.where} is {list(local.shape)}, block {block.index} "
+                                f"{list(block.write_roi.shape)}; rerun every phase with --overwrite")
+            return lut[local]
         table = self._map(block.index)
         if not table.any():  # no kept object here: skip reading the input
             return None

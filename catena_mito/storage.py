@@ -29,7 +29,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
-from zarr.errors import ContainsArrayError, GroupNotFoundError
+from zarr.errors import ContainsArrayError, ContainsGroupError, GroupNotFoundError
 
 try:  # zarr >= 3.1 renamed the error for a missing array
     from zarr.errors import ArrayNotFoundError
@@ -174,6 +174,10 @@ def split_store_url(url: str) -> tuple[str, str]:
 # --- groups and arrays ----------------------------------------------------------------------
 
 
+#: How often ``open_group(mode="a")`` retries after a concurrent creation of the same group.
+_GROUP_RACE_RETRIES = 20
+
+
 def open_group(
     url: str,
     mode: str = "r",
@@ -186,19 +190,29 @@ def open_group(
     ``mode`` creates, and an existing group of another format is an error.
     """
     store = _store(url, storage_options, read_only=mode == "r")
-    try:
-        group = zarr.open_group(store=store, mode=mode, zarr_format=zarr_format)
-        if zarr_format is not None and group.metadata.zarr_format != zarr_format:
-            raise StorageError(
-                f"{redact_url(url)!r} is Zarr format {group.metadata.zarr_format}, expected {zarr_format}"
-            )
-        return group
-    except (GroupNotFoundError, FileNotFoundError, KeyError) as e:
-        raise StorageError(f"no Zarr group at {redact_url(url)!r}") from e
-    except StorageError:
-        raise
-    except Exception as e:
-        raise StorageError(f"cannot open Zarr group {redact_url(url)!r}: {_describe(e)}") from e
+    raced = 0
+    while True:
+        try:
+            group = zarr.open_group(store=store, mode=mode, zarr_format=zarr_format)
+            if zarr_format is not None and group.metadata.zarr_format != zarr_format:
+                raise StorageError(
+                    f"{redact_url(url)!r} is Zarr format {group.metadata.zarr_format}, expected {zarr_format}"
+                )
+            return group
+        except (GroupNotFoundError, FileNotFoundError, KeyError) as e:
+            raise StorageError(f"no Zarr group at {redact_url(url)!r}") from e
+        except StorageError:
+            raise
+        except Exception as e:
+            # mode "a" looks for the group, then creates it: a concurrent shard (or thread)
+            # may create it in between (ContainsGroupError), or be still writing its
+            # metadata when we read it (a JSON error): open theirs, after a short pause
+            if mode == "a" and raced < _GROUP_RACE_RETRIES and (
+                    isinstance(e, ContainsGroupError) or (raced and isinstance(e, ValueError))):
+                raced += 1
+                time.sleep(random.uniform(0.0, 0.01 * raced))
+                continue
+            raise StorageError(f"cannot open Zarr group {redact_url(url)!r}: {_describe(e)}") from e
 
 
 def open_array(url: str, storage_options: Mapping[str, Any] | None = None, mode: str = "r") -> zarr.Array:
@@ -592,11 +606,14 @@ def _store_format(url: str, storage_options: Mapping[str, Any] | None) -> int:
 # --- small files (configs, markers, merge state) -------------------------------------------
 
 
-def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None,
+                sync: bool = True) -> None:
     """Write ``data`` to ``url`` so that a reader sees the old object or the whole new one.
 
     Local files are written to a temporary name beside the target and renamed (atomic on
-    POSIX); object stores publish a PUT atomically on their own.
+    POSIX); object stores publish a PUT atomically on their own. ``sync=False`` skips the
+    ``fsync`` of a local file (bulk intermediates, which are no more durable than the Zarr
+    chunks written beside them; markers and records keep it).
     """
     fs, path = get_fs(url, storage_options)
     try:
@@ -608,7 +625,8 @@ def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if sync:
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         else:
             parent = posixpath.dirname(path)

@@ -393,3 +393,50 @@ def test_scaled_and_tiff_outputs_of_a_seeded_mode(tmp_path):
     idx = [np.minimum(np.floor((np.arange(max(1, int(np.floor(n * f + 0.5)))) + 0.5) / f).astype(int), n - 1)
            for n, f in zip(fg.shape, (0.5, 1.5, 2.0))]
     np.testing.assert_array_equal(read_output(scaled), ref[np.ix_(*idx)])
+
+
+# --- the per-block intermediates -------------------------------------------------------------
+
+
+def test_packed_arrays_roundtrip_and_refuse_other_bytes():
+    from catena_mito.instances.packed import Packed, pack, smallest_uint
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 200, (6, 7, 8)).astype(np.uint8)
+    b = rng.integers(0, 2**40, 5).astype(np.uint64)
+    p = Packed(pack({"a": a, "b": b, "empty": np.zeros((0, 3), np.uint16)}, {"labels": 7}))
+    assert p.meta == {"labels": 7} and p.names() == ["a", "b", "empty"]
+    np.testing.assert_array_equal(p.get("a"), a)
+    np.testing.assert_array_equal(p.get("b"), b)
+    assert p.get("empty").shape == (0, 3) and p.get("empty").dtype == np.uint16
+    with pytest.raises(KeyError, match="no array 'c'"):
+        p.get("c")
+    with pytest.raises(ValueError, match="not a packed array file"):
+        Packed(b"\x93NUMPY...")
+    assert [smallest_uint(v) for v in (0, 255, 256, 2**16, 2**32)] == \
+        [np.uint8, np.uint8, np.uint16, np.uint32, np.uint64]
+
+
+def test_a_missing_intermediate_says_to_rerun_with_overwrite():
+    """Seeded intermediates are per-block files: one gone (or a run begun by a version that
+    kept them elsewhere) is a clear PhaseError, and --overwrite recomputes the same bytes."""
+    rng = np.random.default_rng(5)
+    fg = blobs(rng, (9, 10, 11), 0.6)
+    root = mem_url("miss")
+    write(root + "/p", fg)
+    write(root + "/p_contour", rng.random(fg.shape).astype(np.float32))
+    config = LabelConfig(input_prediction_path=root + "/p", output_instance_dir=root + "/o", chunk_size=4,
+                         instance_mode="contour", thres_small_instances=2, grow_distance=2)
+    label(config, phase="blocks")
+    label(config, phase="merge")
+    task = _LabelTask(config, 1)
+    storage.remove(task._faces_url(13), recursive=False)  # an interior block's face slabs
+    with pytest.raises(PhaseError, match="is missing though its phase is marked done.*--overwrite"):
+        label(config, phase="grow")
+    label(config, overwrite=True)
+    again = mem_url("miss2")
+    write(again + "/p", fg)
+    write(again + "/p_contour", storage.open_array(root + "/p_contour")[...])
+    fresh = config.model_copy(update={"input_prediction_path": again + "/p", "output_instance_dir": again + "/o"})
+    label(fresh)
+    np.testing.assert_array_equal(read_output(config), read_output(fresh))

@@ -136,3 +136,51 @@ def test_s3_roundtrip_zarr_and_config(s3_server, monkeypatch):
     with pytest.raises(StorageError) as info:
         storage.open_volume(url, bad)
     assert "WRONG-SECRET-xyz" not in str(info.value)
+
+
+def test_open_group_append_survives_a_concurrent_creation(tmp_path, monkeypatch):
+    """Deterministic race: the group appears between mode "a"'s look and its create (zarr
+    then raises ContainsGroupError); open_group opens the one the other shard made."""
+    import zarr.api.asynchronous
+    from zarr.core.group import AsyncGroup
+
+    url = str(tmp_path / "race.zarr")
+    original = AsyncGroup.from_store.__func__
+    calls = []
+
+    async def create_first(cls, store, **kw):
+        if not calls:  # the concurrent shard wins, once
+            calls.append(1)
+            await zarr.api.asynchronous.open_group(store=str(tmp_path / "race.zarr"), mode="w-",
+                                                   attributes={"by": "other"})
+        return await original(cls, store, **kw)
+
+    monkeypatch.setattr(AsyncGroup, "from_store", classmethod(create_first))
+    group = storage.open_group(url, mode="a")
+    assert calls and dict(group.attrs) == {"by": "other"}
+
+
+def _create_groups(args):
+    urls, barrier = args
+    from catena_mito import storage as st
+
+    for url in urls:
+        barrier.wait(timeout=60)  # every process creates the same group at the same moment
+        st.open_group(url, mode="a")
+        st.open_group(url + "/inner", mode="a")
+    return True
+
+
+def test_open_group_append_from_concurrent_processes(tmp_path):
+    """Several processes create the same groups at once: none fails, all see one group."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    n, rounds = 4, 12
+    urls = [str(tmp_path / f"g{k}.zarr") for k in range(rounds)]
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(n)
+        with ctx.Pool(n) as pool:
+            assert pool.map(_create_groups, [(urls, barrier)] * n) == [True] * n
+    for url in urls:
+        assert "inner" in storage.open_group(url)

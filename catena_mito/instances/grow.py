@@ -111,15 +111,19 @@ def _level_one(band: np.ndarray, labels: np.ndarray, connectivity: int, offsets:
     # least seed id, and adding one back maps "no seed" to 0 again
     big = labels - labels.dtype.type(1)
     if connectivity == 26:
-        m = big
+        # Two buffers in turn, no copies: the pass along axis ``a`` writes the planes
+        # 1..-2 of that axis; its planes 0 and -1 are padding, "no seed" in ``big`` and
+        # after every pass (a minimum over padding voxels only), so they are set once.
+        m, out = big, np.empty_like(big)
         for a in range(3):
             centre = tuple(slice(1, -1) if b == a else slice(None) for b in range(3))
             lower = tuple(slice(0, -2) if b == a else slice(None) for b in range(3))
             upper = tuple(slice(2, None) if b == a else slice(None) for b in range(3))
-            out = m.copy()
-            np.minimum(out[centre], m[lower], out=out[centre])
-            np.minimum(out[centre], m[upper], out=out[centre])
-            m = out
+            for edge in (0, -1):
+                out[(slice(None),) * a + (edge,)] = np.iinfo(labels.dtype).max
+            np.minimum(m[lower], m[upper], out=out[centre])
+            np.minimum(out[centre], m[centre], out=out[centre])
+            m, out = out, m
         near = m.reshape(-1)[band]
     else:
         flat = big.reshape(-1)
