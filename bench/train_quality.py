@@ -33,7 +33,14 @@ thres_small_instances 50; "cc": connected components, "contour": label's contour
       cc F1                              0.700 / 0.650   0.800 / 0.686   0.684 / 0.474   0.728 / 0.603
       contour F1                         0.810 / 0.619   0.800 / 0.629   0.703 / 0.595   0.771 / 0.614
 
-("before" is the old checkout with the current synthetic.py, ``PYTHONPATH=<checkout>``.)
+    two targets, scored with --tta flips  0.871           0.898           0.809           0.859
+      cc F1                              0.718 / 0.667   0.824 / 0.647   0.722 / 0.500   0.755 / 0.605
+      contour F1                         0.810 / 0.619   0.800 / 0.571   0.757 / 0.595   0.789 / 0.595
+
+("before" is the old checkout with the current synthetic.py, ``PYTHONPATH=<checkout>``;
+the TTA row's IoU is that of the TTA prediction, the others' training's validation.)
+Flips TTA gains at IoU 0.5 and loses at 0.75 on average, for 4x the forward passes, so
+the demo predicts without it.
 Label thresholds (``--rescore`` of the saved probabilities of the two-target rows):
 thres_contour 0.3 / 0.6 give mean contour F1 0.759 / 0.563 and 0.728 / 0.619,
 thres_seed 0.9 0.777 / 0.620, thres_small_seeds 16 0.765 / 0.609; the demo's settings
