@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -201,7 +202,9 @@ def figure_overhead(work: Path, vol, repeats: int, threads: int) -> None:
     whole = WindowGrid(tuple(vol), (64,) * 3, (32,) * 3).num_windows
     calls = math.ceil(whole / batch)
     pairs = []
+    loads = []
     for i in range(repeats):
+        loads.append(os.getloadavg()[0])  # other work on the machine's cores skews a pair
         pred = child("predict", threads=threads, ckpt=ckpt, data=data, out=str(work / f"ovh{i}"), config={},
                      timers=True)
         fwd = child("forward", threads=threads, ckpt=ckpt, batch=batch, patch=[64] * 3, calls=calls)
@@ -209,8 +212,9 @@ def figure_overhead(work: Path, vol, repeats: int, threads: int) -> None:
         shutil.rmtree(work / f"ovh{i}", ignore_errors=True)
     print(f"\n2. predict (1 shard, defaults, default monai_unet, batch {batch}) / bare forward of the "
           f"whole-volume grid ({list(vol)}, {whole} windows, {calls} calls), {threads} threads")
-    for p_s, f_s, n, _ in pairs:
-        print(f"   predict {p_s:7.2f} s ({n} windows)   bare forward {f_s:7.2f} s   ratio {p_s / f_s:.3f}")
+    for (p_s, f_s, n, _), load in zip(pairs, loads):
+        print(f"   predict {p_s:7.2f} s ({n} windows)   bare forward {f_s:7.2f} s   ratio {p_s / f_s:.3f}"
+              f"   (load average before: {load:.1f})")
     ratios = sorted(p / f for p, f, _, _ in pairs)
     print(f"   median ratio {statistics.median(ratios):.3f}   (goal <= 1.15); ratio of the fastest runs "
           f"{min(p for p, *_ in pairs) / min(f for _, f, *_ in pairs):.3f}")
