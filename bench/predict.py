@@ -123,7 +123,11 @@ print(json.dumps({"seconds": elapsed, "peak_rss": peak, **extra}))
 
 
 def child(mode: str, **args) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, mode, json.dumps(args)], capture_output=True, text=True)
+    # OMP_NUM_THREADS too: predict sizes torch's threads to the CPUs unless it is set, and
+    # both children must run the model with the same threads (``--threads``).
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.get("threads", 1))}
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode, json.dumps(args)], capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
