@@ -23,8 +23,12 @@ Figures (issue 13):
    output files and the same run id.
 
 Each run of predict or of the bare model is a fresh subprocess that reports its own wall
-time (work only, after imports) and peak RSS. This machine's cores are shared, so absolute
-times are noisy; ratios of runs made back to back are the figures to read.
+time (work only, after imports) and peak RSS, with ``OMP_NUM_THREADS`` and torch's threads
+both ``--threads``. This machine's cores are shared, so absolute times are noisy; ratios of
+runs made back to back are the figures to read, and figure 2 prints the load average before
+each pair. Under other load, libgomp's default spin-waiting makes a 2-thread model several
+times slower (and either side of a pair by chance); ``OMP_WAIT_POLICY=PASSIVE`` in the
+bench's environment (both children inherit it) keeps such runs comparable.
 
     .venv/bin/python bench/predict.py [--size 256] [--vol 128 256 256] [--repeats 1] [--skip 2,5]
 """
