@@ -9,7 +9,9 @@ Figures (issue 13):
    tests check against the windows predict really runs); no model runs.
 2. wall time of predict (one shard, default settings, the default Catena-sized U-Net, batch
    2) / bare forward passes over the whole-volume window grid with the same model and
-   batch size, on ``--vol`` (default 128×256×256): goal <= 1.15.
+   batch size, on ``--vol`` (default 128×256×256): goal <= 1.15; with the wall time spent
+   inside each piece of the median predict run (model, softmax, fixed-point sums, reading,
+   pieces, blend, output encoding and writes; main thread and I/O thread apart).
 3. pipeline throughput with a near-zero-cost model (one 1×1×1 conv, 2 channels) in output
    MVx/s, recompute (before) and exchange (after), and a profile of the exchange run
    (top functions by own time).
@@ -21,8 +23,12 @@ Figures (issue 13):
    output files and the same run id.
 
 Each run of predict or of the bare model is a fresh subprocess that reports its own wall
-time (work only, after imports) and peak RSS. This machine's cores are shared, so absolute
-times are noisy; ratios of runs made back to back are the figures to read.
+time (work only, after imports) and peak RSS, with ``OMP_NUM_THREADS`` and torch's threads
+both ``--threads``. This machine's cores are shared, so absolute times are noisy; ratios of
+runs made back to back are the figures to read, and figure 2 prints the load average before
+each pair. Under other load, libgomp's default spin-waiting makes a 2-thread model several
+times slower (and either side of a pair by chance); ``OMP_WAIT_POLICY=PASSIVE`` in the
+bench's environment (both children inherit it) keeps such runs comparable.
 
     .venv/bin/python bench/predict.py [--size 256] [--vol 128 256 256] [--repeats 1] [--skip 2,5]
 """
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -62,6 +69,33 @@ if mode == "predict":
     from catena_mito.predict import predict
     config = config_from_dict(PredictConfig, {"model_path": args["ckpt"], "test_zarr_dirs": [args["data"]],
                                               "output_dir": args["out"], "device": "cpu", **args["config"]})
+    timers = {}
+    if args.get("timers"):  # wall time inside the pieces of predict (figure 2's breakdown)
+        import functools, threading
+        import catena_mito.exchange as ex, catena_mito.inference as inf, catena_mito.predict as pr
+        import catena_mito.preprocess as pp, zarr
+        def timed(owner, name, label):
+            f = getattr(owner, name)
+            @functools.wraps(f)
+            def g(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return f(*a, **k)
+                finally:
+                    key = label + ("" if threading.current_thread() is threading.main_thread() else " [io thread]")
+                    timers[key] = timers.get(key, 0.0) + time.perf_counter() - t0
+            setattr(owner, name, g)
+        for owner, name, label in [
+                (inf.ModelRunner, "_logits", "forward (model)"),
+                (inf.ModelRunner, "_probabilities", "softmax/sigmoid"),
+                (inf.ModelRunner, "accumulate", "accumulate (forward + softmax + fixed point)"),
+                (pp.Preprocessor, "__call__", "read + preprocess"),
+                (ex.PieceStore, "put", "pieces: encode + write"),
+                (ex.PieceStore, "get", "pieces: read + decode"),
+                (ex.Exchange, "blend", "blend (sum pieces, divide)"),
+                (pr, "encode", "encode output dtype"),
+                (zarr.Array, "__setitem__", "zarr write (encode + store)")]:
+            timed(owner, name, label)
     prof = None
     if args.get("profile"):
         import cProfile
@@ -70,7 +104,8 @@ if mode == "predict":
     t = time.perf_counter()
     summary = predict(config, shard_index=args.get("shard", 0), num_shards=args.get("shards", 1))
     elapsed = time.perf_counter() - t
-    extra = {"windows_run": summary["outputs"][0]["windows_run"], "shape": summary["outputs"][0]["shape"]}
+    extra = {"windows_run": summary["outputs"][0]["windows_run"], "shape": summary["outputs"][0]["shape"],
+             "timers": timers}
     if prof is not None:
         import io, pstats
         prof.disable()
@@ -92,7 +127,11 @@ print(json.dumps({"seconds": elapsed, "peak_rss": peak, **extra}))
 
 
 def child(mode: str, **args) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, mode, json.dumps(args)], capture_output=True, text=True)
+    # OMP_NUM_THREADS too: predict sizes torch's threads to the CPUs unless it is set, and
+    # both children must run the model with the same threads (``--threads``).
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.get("threads", 1))}
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode, json.dumps(args)], capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -171,15 +210,27 @@ def figure_overhead(work: Path, vol, repeats: int, threads: int) -> None:
     whole = WindowGrid(tuple(vol), (64,) * 3, (32,) * 3).num_windows
     calls = math.ceil(whole / batch)
     pairs = []
+    loads = []
     for i in range(repeats):
-        pred = child("predict", threads=threads, ckpt=ckpt, data=data, out=str(work / f"ovh{i}"), config={})
+        loads.append(os.getloadavg()[0])  # other work on the machine's cores skews a pair
+        pred = child("predict", threads=threads, ckpt=ckpt, data=data, out=str(work / f"ovh{i}"), config={},
+                     timers=True)
         fwd = child("forward", threads=threads, ckpt=ckpt, batch=batch, patch=[64] * 3, calls=calls)
-        pairs.append((pred["seconds"], fwd["seconds"], pred["windows_run"]))
+        pairs.append((pred["seconds"], fwd["seconds"], pred["windows_run"], pred["timers"]))
+        shutil.rmtree(work / f"ovh{i}", ignore_errors=True)
     print(f"\n2. predict (1 shard, defaults, default monai_unet, batch {batch}) / bare forward of the "
           f"whole-volume grid ({list(vol)}, {whole} windows, {calls} calls), {threads} threads")
-    for p_s, f_s, n in pairs:
-        print(f"   predict {p_s:7.1f} s ({n} windows)   bare forward {f_s:7.1f} s   ratio {p_s / f_s:.3f}")
-    print(f"   median ratio {statistics.median(p / f for p, f, _ in pairs):.3f}   (goal <= 1.15)")
+    for (p_s, f_s, n, _), load in zip(pairs, loads):
+        print(f"   predict {p_s:7.2f} s ({n} windows)   bare forward {f_s:7.2f} s   ratio {p_s / f_s:.3f}"
+              f"   (load average before: {load:.1f})")
+    ratios = sorted(p / f for p, f, _, _ in pairs)
+    print(f"   median ratio {statistics.median(ratios):.3f}   (goal <= 1.15); ratio of the fastest runs "
+          f"{min(p for p, *_ in pairs) / min(f for _, f, *_ in pairs):.3f}")
+    p_s, f_s, _, timers = sorted(pairs, key=lambda r: r[0] / r[1])[len(pairs) // 2]
+    print(f"   where the median predict run's {p_s:.2f} s went (wall time inside each piece; nested, and the "
+          "io thread's overlap the main thread's):")
+    for name, sec in sorted(timers.items(), key=lambda kv: -kv[1]):
+        print(f"     {name:58s} {sec:6.3f} s")
 
 
 def figure_throughput(work: Path, size: int, threads: int, profile_lines: int) -> None:

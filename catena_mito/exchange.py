@@ -210,17 +210,36 @@ class Exchange:
 
     def blend(self, block: Block, pieces: Iterable[tuple[Coord, np.ndarray]]) -> np.ndarray:
         """Float32 probabilities ``(T, *write shape)`` of ``block`` from the pieces landing
-        on it (``(kind, array)``, every one of :meth:`sources`)."""
+        on it (``(kind, array)``, every one of :meth:`sources`).
+
+        A piece covering the whole block that owns its (writable, int64) memory, as
+        :func:`decode_piece` returns them, is summed into in place rather than copied."""
         roi = block.write_roi
         num: np.ndarray | None = None
+        rest = []
         for _kind, piece in pieces:
+            if num is None and tuple(piece.shape[1:]) == tuple(roi.shape) and _owned_int64(piece):
+                num = piece
+            else:
+                rest.append(piece)
+        for piece in rest:
             if num is None:
                 num = np.zeros((piece.shape[0], *roi.shape), dtype=np.int64)
             num[(slice(None), *(slice(0, s) for s in piece.shape[1:]))] += piece
         if num is None:  # pragma: no cover - every block has its own core
             raise ValueError(f"no pieces for block {block.index}")
-        den = self.weight_sum(roi).astype(np.float64) * float(2**PROB_BITS)
-        return (num.astype(np.float64) / den).astype(np.float32)
+        # Σ Qw = Dz·Dy·Dx < MAX_OVERLAP · 2^(3·WEIGHT_BITS) < 2^53, so its float64 products
+        # (and the power-of-two scale) are exact: the same value as the int64 product.
+        dz, dy, dx = (d[roi.begin[a] : roi.end[a]].astype(np.float64) for a, d in enumerate(self.den_axes))
+        den = ((dz * float(2**PROB_BITS))[:, None] * dy[None, :])[:, :, None] * dx[None, None, :]
+        if num.shape[0] == 1:  # the quotient into den's memory: one float64 volume, not three
+            np.divide(num[0], den, out=den)
+            return den.astype(np.float32)[None]
+        return (num / den).astype(np.float32)
+
+
+def _owned_int64(a: np.ndarray) -> bool:
+    return a.dtype == np.int64 and a.flags.owndata and a.flags.writeable and a.flags.c_contiguous
 
 
 # --- storing pieces -------------------------------------------------------------------------
@@ -237,12 +256,14 @@ def encode_piece(piece: np.ndarray) -> bytes:
 
 
 def decode_piece(blob: bytes) -> np.ndarray:
+    """The int64 piece of :func:`encode_piece`'s bytes (a fresh, writable array)."""
     from numcodecs import Blosc
 
     header, _, body = blob.partition(b"\n")
     meta = json.loads(header)
-    values = np.frombuffer(Blosc().decode(body), dtype=meta["dtype"])
-    return values.reshape(meta["shape"])
+    out = np.empty(meta["shape"], dtype=meta["dtype"])
+    Blosc().decode(body, out=out)
+    return out
 
 
 class PieceStore:

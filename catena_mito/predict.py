@@ -287,8 +287,11 @@ def target_url(foreground_url: str, target: str) -> str:
 
 def encode(probs: np.ndarray, dtype: str) -> np.ndarray:
     """Probabilities (float32, [0, 1]) in the output dtype: uint8 = round(p·255)."""
-    if dtype == "uint8":
-        return np.rint(np.clip(probs, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+    if dtype == "uint8":  # the same float32 operations, in one temporary
+        values = np.clip(probs, 0.0, 1.0)
+        np.multiply(values, np.float32(255.0), out=values)
+        np.rint(values, out=values)
+        return values.astype(np.uint8)
     if dtype in ("float16", "float32"):
         return probs.astype(dtype)
     raise ConfigError(f"output_dtype: expected uint8, float16 or float32, got {dtype!r}")
