@@ -41,8 +41,9 @@ thres_small_instances 50; "cc": connected components, "contour": label's contour
 the TTA row's IoU is that of the TTA prediction, the others' training's validation.)
 On seed 2's data with other weight seeds (``--seeds 2 --set seed=5`` / ``seed=7``) the
 old checkout gives 0.858 / 0.797 and the two-target demo 0.788 / 0.820: over three
-initialisations 0.832 against 0.802, so the seed-2 gap (about 0.03) is larger than the
-spread of one run and is a real shortfall on that volume, not yet explained.
+initialisations 0.832 against 0.802: a gap of about 0.03, the size of the run-to-run
+spread (0.797-0.858), so three runs each do not settle it; a possible shortfall on that
+volume, not yet explained.
 Flips TTA gains at IoU 0.5 and loses at 0.75 on average, for 4x the forward passes, so
 the demo predicts without it.
 Label thresholds (``--rescore`` of the saved probabilities of the two-target rows):
