@@ -299,7 +299,7 @@ def _runs(mask: np.ndarray) -> int:
 
 
 def _drawn_part(
-    lines: Sequence[np.ndarray], in_host: Sequence[np.ndarray], radius: float
+    lines: Sequence[tuple[np.ndarray, np.ndarray]], radius: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """The centre-line points (and radii) whose tube can be drawn: those inside the host
     and, since voxels inside the host within a radius of the line are drawn too, those
@@ -309,7 +309,7 @@ def _drawn_part(
     r = 1.15 * radius
     reach = int(np.ceil(r / _TUBE_STEP_NM)) + 1
     kept = []
-    for pts, mask in zip(lines, in_host, strict=True):
+    for pts, mask in lines:  # points along a centre line, and which lie in the host
         full = np.convolve(mask.astype(np.int32), np.ones(2 * reach + 1, np.int32))
         near = full[reach : reach + len(mask)] > 0
         kept.append(pts[near])
@@ -407,6 +407,7 @@ class SyntheticVolume:
         # so every voxel has its neighbouring seeds; ids are the (1-based) C-order index of
         # a seed's cell in that grid, fixed per volume shape (so not contiguous).
         self._n_cells = np.ceil(self._extent_nm / _NEURON_CELL_NM).astype(np.int64) + 4
+        self._seeds = self._seed_table()
         self._mitos = self._make_mitos()
         self._mito_lo = np.array([m.vox_lo.min(0) for m in self._mitos]).reshape(-1, 3)
         self._mito_hi = np.array([m.vox_hi.max(0) for m in self._mitos]).reshape(-1, 3)
@@ -583,26 +584,17 @@ class SyntheticVolume:
             if groups == n:
                 break
             if i % _MITO_BATCH == 0:  # host tests for the next batch of candidates at once
-                lines, in_host = self._lines_in_host(candidates[i : i + _MITO_BATCH],
-                                                     hosts[i : i + _MITO_BATCH])
-                at = 0
-            tubes, ok = [], True
-            for p in paths:
-                k = len(p["lines"])
-                masks, pts = in_host[at : at + k], lines[at : at + k]
-                at += k
-                ok = ok and all(_runs(m) <= 1 for m in masks)
-                tubes.append(_drawn_part(pts, masks, p["radius"]))
-            if not ok:
+                traced = self._lines_in_host(candidates[i : i + _MITO_BATCH], hosts[i : i + _MITO_BATCH])
+            lines = traced[i % _MITO_BATCH]  # per path: [(points, in host), ...], main line first
+            if any(_runs(mask) > 1 for path in lines for _, mask in path):
                 continue
+            tubes = [_drawn_part(path, p["radius"]) for path, p in zip(lines, paths, strict=True)]
             index = kept.setdefault(int(hosts[i]), _TubeIndex())
             if any(index.collides(*t) for t in tubes):
                 continue
             # the partner (second path) may overlap its own tube's main line, not its branch
-            if len(tubes) == 2 and len(paths[0]["lines"]) == 2:
-                b = at - 2  # lines of this candidate: main, branch, partner
-                branch = _drawn_part([lines[b]], [in_host[b]], paths[0]["radius"])
-                if _collide(*tubes[1], *branch):
+            if len(tubes) == 2 and len(lines[0]) == 2:
+                if _collide(*tubes[1], *_drawn_part(lines[0][1:], paths[0]["radius"])):
                     continue
             for t in tubes:
                 index.add(*t)
@@ -614,18 +606,22 @@ class SyntheticVolume:
 
     def _lines_in_host(
         self, candidates: Sequence[list[dict]], hosts: np.ndarray
-    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Points along every centre line of the candidates, and which lie in the host."""
-        lines = [_line_points(line) for paths in candidates for p in paths for line, _ in p["lines"]]
-        counts = [sum(len(p["lines"]) for p in paths) for paths in candidates]
-        sizes = [len(x) for x in lines]
-        host = np.repeat(np.repeat(hosts, counts), sizes)
-        inside = self.neuron_at(np.concatenate(lines)) == host
-        return lines, np.split(inside, np.cumsum(sizes)[:-1])
+    ) -> list[list[list[tuple[np.ndarray, np.ndarray]]]]:
+        """Per candidate, per path, per centre line: points along it and which lie in the
+        host (one :meth:`neuron_at` call for all of them)."""
+        points = [[[_line_points(line) for line, _ in p["lines"]] for p in paths] for paths in candidates]
+        flat = [pts for paths in points for path in paths for pts in path]
+        host = np.concatenate([
+            np.full(sum(len(pts) for path in paths for pts in path), h)
+            for paths, h in zip(points, hosts, strict=True)
+        ])
+        inside = iter(np.split(self.neuron_at(np.concatenate(flat)) == host,
+                               np.cumsum([len(x) for x in flat])[:-1]))
+        return [[[(pts, next(inside)) for pts in path] for path in paths] for paths in points]
 
-    @functools.cache  # noqa: B019  (one table per volume, for the volume's lifetime)
     def _seed_table(self) -> np.ndarray:
-        """Seed positions (nm) of every cell of the grid, indexed by cell index + 2."""
+        """Seed positions (nm) of every cell of the grid, indexed by cell index + 2 (what
+        :meth:`_seed_points` gives, computed once for the nearest-seed searches)."""
         n = self._n_cells
         cells = np.stack(np.meshgrid(*[np.arange(k) - 2 for k in n], indexing="ij"), -1)
         return self._seed_points(cells.reshape(-1, 3)).reshape(*n, 3)
@@ -640,7 +636,7 @@ class SyntheticVolume:
         cell = _NEURON_CELL_NM
         base = np.floor(q / cell).astype(np.int64)
         offsets = np.stack(np.meshgrid(*[np.arange(-2, 3)] * 3, indexing="ij"), -1).reshape(-1, 3)
-        table = self._seed_table()
+        table = self._seeds
         best_d = np.full(len(q), np.inf)
         best = base.copy()
         for off in offsets:
