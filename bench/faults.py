@@ -13,7 +13,7 @@ When to kill is a fraction ``f`` drawn uniformly from ``[-0.25, 1]`` against a c
 the same job, measured once per setup (``first``: seconds to its first done marker,
 ``total``: its duration). ``f < 0`` kills at ``(1 + f) * first`` seconds, during start-up;
 ``f >= 0`` waits for the trial's own first marker, then ``f * (total - first)`` more,
-stretched by how much slower the trial reached its first marker than the clean run did. So
+scaled by how much slower (or faster) the trial reached its first marker than the clean run did. So
 most kills land while blocks are being written even on a loaded machine (a fixed delay
 missed them when the tests ran beside others).
 
@@ -326,7 +326,9 @@ def kill_trial(job: Job, fraction: float, first: float, total: float,
     else:
         while proc.poll() is None and not count_markers(job):
             time.sleep(0.005)
-        stretch = max(1.0, (time.monotonic() - t0) / max(first, 1e-3))
+        # the trial's pace against the clean run's (either way: a run measured under more
+        # load than this trial's would otherwise put the kill after its end)
+        stretch = min(4.0, max(0.25, (time.monotonic() - t0) / max(first, 1e-3)))
         _wait(proc, fraction * (total - first) * stretch)
     delay = time.monotonic() - t0
     exited = proc.poll() is not None

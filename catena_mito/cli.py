@@ -144,7 +144,7 @@ def train(config_path: str, overrides: tuple[str, ...]) -> None:
 @_shard_options
 @click.option(
     "--phase", type=click.Choice(["all", "windows", "blend"]), default="all", show_default=True,
-    help="window_sharing exchange: run this shard's windows, then its blend (all), or one of them.",
+    help="window_sharing exchange: each block's windows and blend in one pass over this shard (all), or one of the two phases.",
 )
 @click.option(
     "--wait-timeout", type=float, default=600.0, show_default=True, metavar="SECONDS",

@@ -208,17 +208,21 @@ class Exchange:
             acc = runner.accumulate(data, read_roi, windows, ext, window_weights(self.patch), PROB_BITS)
         return {kind: acc[(slice(None), *roi.to_slices(ext))] for kind, roi in self.pieces_of(block)}
 
-    def blend(self, block: Block, pieces: Iterable[tuple[Coord, np.ndarray]]) -> np.ndarray:
+    def blend(self, block: Block, pieces: Iterable[tuple[Coord, np.ndarray]], into_first: bool = False) -> np.ndarray:
         """Float32 probabilities ``(T, *write shape)`` of ``block`` from the pieces landing
         on it (``(kind, array)``, every one of :meth:`sources`).
 
         A piece covering the whole block that owns its (writable, int64) memory, as
-        :func:`decode_piece` returns them, is summed into in place rather than copied."""
+        :func:`decode_piece` returns them, is summed into in place rather than copied;
+        ``into_first``: so is the first piece (the block's core), which the caller no
+        longer needs (a view of the sums its windows just made)."""
         roi = block.write_roi
         num: np.ndarray | None = None
         rest = []
-        for _kind, piece in pieces:
-            if num is None and tuple(piece.shape[1:]) == tuple(roi.shape) and _owned_int64(piece):
+        for i, (_kind, piece) in enumerate(pieces):
+            if num is None and tuple(piece.shape[1:]) == tuple(roi.shape) and (
+                    _owned_int64(piece) or (into_first and i == 0 and piece.dtype == np.int64
+                                            and piece.flags.writeable)):
                 num = piece
             else:
                 rest.append(piece)

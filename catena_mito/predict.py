@@ -14,10 +14,13 @@ through the block runner, shards owning contiguous runs of blocks::
     predict  (the blend) the pieces landing on the block → ÷ weight sum → encode
              (uint8 = round(p·255) | float16 | float32) → write the block → done marker
 
-The blend of a block needs its lower neighbours' windows (the same or a lower shard):
-``--phase all`` waits ``wait_timeout`` seconds for a missing one, then computes that
-overlap itself (the same integers); ``--phase blend`` fails instead. The pieces are
-removed when the run completes. Integer sums make the output bitwise identical for any
+``--phase windows`` and ``--phase blend`` run the phases apart (every piece stored);
+``--phase all`` runs both in one pass over this shard's blocks, each block's blend right
+after its own windows, the pieces that stay in this process in memory
+(:mod:`catena_mito.exchange_onepass`). The blend of a block needs its lower neighbours'
+windows (the same or a lower shard): ``--phase all`` waits ``wait_timeout`` seconds for a
+missing one, then computes that overlap itself (the same integers); ``--phase blend``
+fails instead. The stored pieces are removed when the run completes. Integer sums make the output bitwise identical for any
 ``block_shape``, batch grouping and number of shards, and equal to
 :func:`catena_mito.exchange.whole_volume_predict` on the whole preprocessed volume.
 
@@ -79,7 +82,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,9 +107,11 @@ from catena_mito.errors import (
     DataError,
     PhaseError,
     RunMismatchError,
+    Stopped,
     StorageError,
 )
 from catena_mito.exchange import Exchange, PieceStore
+from catena_mito.exchange_onepass import HOLD_BLOCKS, OnePass
 from catena_mito.preprocess import GridMap, Preprocessor, normalize
 from catena_mito.targets import FOREGROUND, TARGET_ATTR, prediction_url
 
@@ -560,69 +565,99 @@ class _WindowsDone:
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
-def _exchange_steps(job: _Job, runner: Any, config: PredictConfig, pieces: PieceStore,
-                    write: Callable[[Block, np.ndarray], None], done: _WindowsDone | None,
-                    wait_timeout: float, compute_missing: bool) -> tuple[BlockSteps, BlockSteps]:
-    """The steps of the windows phase and of the blend (see :mod:`catena_mito.exchange`).
+class _ExchangeParts:
+    """What the windows phase, the blend and the one pass of ``--phase all`` share (see
+    :mod:`catena_mito.exchange` and :mod:`catena_mito.exchange_onepass`).
 
-    The blend of a block needs the pieces of its lower neighbours (same or lower shard, by
-    the contiguous assignment). One not done after ``wait_timeout`` seconds is, with
-    ``compute_missing``, computed here from the same windows (exact: the same integers),
-    else a :class:`PhaseError`."""
-    ex = job.exchange
-    assert ex is not None
+    A piece from another block is read from ``pieces`` once that block's windows marker is
+    done (waiting ``wait_timeout`` seconds for it); one not done by then, or unreadable, is
+    with ``compute_missing`` computed here from the same windows (exact: the same
+    integers), else a :class:`PhaseError`."""
 
-    def prepared(block: Block, within: Roi | None = None) -> tuple[list[Roi], Roi | None, np.ndarray | None]:
-        wins = ex.owned_windows(block, within)
-        roi = ex.read_roi(wins)
-        return wins, roi, (job.preprocessor(roi) if roi is not None else None)
+    def __init__(self, job: _Job, runner: Any, pieces: PieceStore, done: _WindowsDone | None,
+                 wait_timeout: float, compute_missing: bool):
+        assert job.exchange is not None
+        self.job, self.ex, self.runner, self.pieces = job, job.exchange, runner, pieces
+        self.done, self.wait_timeout, self.compute_missing = done, wait_timeout, compute_missing
 
-    def write_pieces(block: Block, parts: Mapping[Any, np.ndarray]) -> dict[str, Any]:
-        pieces.put(block.index, parts)
-        return {"pieces": len(parts)}
+    def prepared(self, block: Block, within: Roi | None = None) -> tuple[list[Roi], Roi | None, np.ndarray | None]:
+        """The windows ``block`` owns (those meeting ``within``), their union and its
+        preprocessed data."""
+        wins = self.ex.owned_windows(block, within)
+        roi = self.ex.read_roi(wins)
+        return wins, roi, (self.job.preprocessor(roi) if roi is not None else None)
 
-    windows = BlockSteps(
-        read=prepared,
-        compute=lambda b, data: ex.partial(runner, b, data[2], data[1], data[0]),
-        write=write_pieces,
-    )
-
-    def read_blend(block: Block) -> tuple[list, list]:
-        sources = ex.sources(block)
-        missing = done.missing({src.index for src, _ in sources}, wait_timeout) if done is not None else set()
+    def fetch(self, block: Block, sources: Sequence[tuple[Block, Coord]]) -> tuple[list, list]:
+        """``(got, missing)`` of the pieces of ``sources`` landing on ``block``: ``(kind,
+        array)`` read, and ``(kind, source, windows, roi, data)`` to compute here."""
+        missing = (self.done.missing({src.index for src, _ in sources}, self.wait_timeout)
+                   if self.done is not None else set())
         got: list = []
         todo: list = []
         for src, kind in sources:
             problem = f"the windows phase of block {src.index} is not done" if src.index in missing else None
             if problem is None:
                 try:
-                    got.append((kind, pieces.get(src.index, kind)))
+                    got.append((kind, self.pieces.get(src.index, kind)))
                     continue
                 except StorageError as e:
                     problem = f"its pieces cannot be read ({e})"
-            if not compute_missing:
-                waited = f" after {wait_timeout:g} s" if wait_timeout > 0 else ""
+            if not self.compute_missing:
+                waited = f" after {self.wait_timeout:g} s" if self.wait_timeout > 0 else ""
                 raise PhaseError(
-                    f"predict blend of block {block.index} at {storage.redact_url(job.output_url)!r}: {problem}"
-                    f"{waited}; run `catena-mito predict --phase windows` for every shard first "
-                    "(--overwrite if its pieces were removed), or give --wait-timeout")
-            todo.append((kind, src, *prepared(src, within=block.write_roi)))
+                    f"predict blend of block {block.index} at {storage.redact_url(self.job.output_url)!r}: "
+                    f"{problem}{waited}; run `catena-mito predict --phase windows` for every shard first "
+                    "(--overwrite if its pieces were removed; an interrupted --phase all keeps the pieces "
+                    "its own blocks need in memory: rerun it), or give --wait-timeout")
+            todo.append((kind, src, *self.prepared(src, within=block.write_roi)))
         return got, todo
+
+    def overlap(self, todo: list) -> list[tuple[Coord, np.ndarray]]:
+        """The pieces of :meth:`fetch`'s ``missing`` entries, computed here."""
+        return [(kind, self.ex.partial(self.runner, src, x, roi, wins)[kind]) for kind, src, wins, roi, x in todo]
+
+
+def _exchange_steps(parts: _ExchangeParts, config: PredictConfig,
+                    write: Callable[[Block, np.ndarray], None]) -> tuple[BlockSteps, BlockSteps]:
+    """The steps of the windows phase and of the blend (see :mod:`catena_mito.exchange`).
+
+    The blend of a block needs the pieces of its lower neighbours (same or lower shard, by
+    the contiguous assignment); see :class:`_ExchangeParts` for one not done."""
+    ex = parts.ex
+
+    def write_pieces(block: Block, pieces: Mapping[Any, np.ndarray]) -> dict[str, Any]:
+        parts.pieces.put(block.index, pieces)
+        return {"pieces": len(pieces)}
+
+    windows = BlockSteps(
+        read=parts.prepared,
+        compute=lambda b, data: ex.partial(parts.runner, b, data[2], data[1], data[0]),
+        write=write_pieces,
+    )
 
     def compute_blend(block: Block, data: tuple[list, list]) -> np.ndarray:
         got, todo = data
         if todo:
             log.info("blend of block %d: computing the overlap of %d neighbour block(s) here (%s)", block.index,
-                     len(todo), "not done by their shards yet" if done is not None else "missing")
-        for kind, src, wins, roi, x in todo:
-            got.append((kind, ex.partial(runner, src, x, roi, wins)[kind]))
-        return encode(ex.blend(block, got), config.output_dtype)
+                     len(todo), "not done by their shards yet" if parts.done is not None else "missing")
+        return encode(ex.blend(block, [*got, *parts.overlap(todo)]), config.output_dtype)
 
     def write_output(block: Block, values: np.ndarray) -> dict[str, Any]:
         write(block, values)
         return {"write_offset": list(block.write_roi.offset), "write_shape": list(block.write_roi.shape)}
 
-    return windows, BlockSteps(read=read_blend, compute=compute_blend, write=write_output)
+    blend = BlockSteps(read=lambda b: parts.fetch(b, ex.sources(b)), compute=compute_blend, write=write_output)
+    return windows, blend
+
+
+def _one_pass(parts: _ExchangeParts, config: PredictConfig, write: Callable[[Block, np.ndarray], None],
+              shard: Sequence[Block], todo: Sequence[Block],
+              mark_windows: Callable[[Block, Mapping[str, Any]], None] | None) -> OnePass:
+    """``--phase all``: both phases of this shard in one pass (:mod:`catena_mito.exchange_onepass`)."""
+    return OnePass(parts.ex, parts.runner, parts.pieces, shard=[b.index for b in shard],
+                   todo=[b.index for b in todo], prepared=parts.prepared, fetch=parts.fetch,
+                   overlap=parts.overlap, finish=lambda b, p: encode(p, config.output_dtype),
+                   write_output=write, mark_windows=mark_windows)
 
 
 def _open_outputs(config: PredictConfig, job: _Job, spec: RunSpec, store: RunStore, phase: str,
@@ -671,18 +706,53 @@ def _predict_zarr(config: PredictConfig, settings: ModelSettings, runner: Any, j
         return _summary(job, result, getattr(runner, "windows_run", 0) - windows_before, spec)
     pieces = PieceStore(store.run_url(spec.run_id, WINDOWS_PHASE, "pieces"), opts)
     done = _WindowsDone(store.markers(spec.run_id, WINDOWS_PHASE))
-    windows_steps, blend_steps = _exchange_steps(job, runner, config, pieces, write, done, wait_timeout,
-                                                 compute_missing=phase == "all")
-    results = []
-    if phase in ("all", "windows"):
-        results.append(run_phase(store, spec, WINDOWS_PHASE, blocks, windows_steps, assignment="contiguous",
-                                 desc=f"predict windows shard {shard_index}/{num_shards}", **common))
-    if phase in ("all", "blend"):
-        results.append(run_phase(store, spec, MARKER_TASK, blocks, blend_steps, assignment="contiguous",
-                                 desc=f"predict shard {shard_index}/{num_shards}", **common))
-        if store.read_complete(spec.run_id) is not None:
-            pieces.remove()  # every block is blended: the intermediate sums are no longer needed
+    parts = _ExchangeParts(job, runner, pieces, done, wait_timeout, compute_missing=phase == "all")
+    if phase == "all":
+        results = [_run_one_pass(store, spec, parts, config, write, blocks, common)]
+    else:
+        windows_steps, blend_steps = _exchange_steps(parts, config, write)
+        steps = windows_steps if phase == "windows" else blend_steps
+        results = [run_phase(store, spec, WINDOWS_PHASE if phase == "windows" else MARKER_TASK, blocks, steps,
+                             assignment="contiguous", desc=f"predict {phase} shard {shard_index}/{num_shards}",
+                             **common)]
+    if phase != "windows" and store.read_complete(spec.run_id) is not None:
+        pieces.remove()  # every block is blended: the intermediate sums are no longer needed
     return _summary(job, results[-1], getattr(runner, "windows_run", 0) - windows_before, spec, results)
+
+
+def _run_one_pass(store: RunStore, spec: RunSpec, parts: _ExchangeParts, config: PredictConfig,
+                  write: Callable[[Block, np.ndarray], None], blocks: Sequence[Block],
+                  common: Mapping[str, Any]) -> PhaseResult:
+    """``--phase all`` of ``window_sharing: exchange``: this shard's windows and blend in one
+    pass over its blocks; both phases' markers and shard records, as if run apart."""
+    shard_index, num_shards, overwrite = common["shard_index"], common["num_shards"], common["overwrite"]
+    mine = select_shard(blocks, shard_index, num_shards, "contiguous")
+    windows_markers = store.markers(spec.run_id, WINDOWS_PHASE)
+    if overwrite:
+        windows_markers.clear([b.index for b in mine])
+        done: set[int] = set()
+    else:
+        done = store.markers(spec.run_id, MARKER_TASK).done_indices()
+    todo = [b for b in mine if b.index not in done]
+
+    def mark_windows(block: Block, info: Mapping[str, Any]) -> None:
+        windows_markers.mark_done(block.index, {"shard": shard_index, "num_shards": num_shards, **info})
+
+    onepass = _one_pass(parts, config, write, mine, todo, mark_windows)
+    record = {"blocks": len(mine), "assignment": "contiguous"}
+    store.write_shard_record(spec.run_id, WINDOWS_PHASE, shard_index, num_shards, "running", todo=len(todo),
+                             **record)
+    state = "failed"
+    try:
+        result = run_phase(store, spec, MARKER_TASK, blocks, onepass.steps(), assignment="contiguous",
+                           desc=f"predict shard {shard_index}/{num_shards}", **common)
+        state = "finished"
+        return result
+    except Stopped:
+        state = "stopped"
+        raise
+    finally:
+        store.write_shard_record(spec.run_id, WINDOWS_PHASE, shard_index, num_shards, state, **record)
 
 
 def _summary(job: _Job, result: PhaseResult, windows: int, spec: RunSpec | None,
@@ -740,11 +810,10 @@ def _predict_tiff(config: PredictConfig, settings: ModelSettings, runner: Any, j
     if job.exchange is None:
         result = run_phase(None, None, MARKER_TASK, blocks, _steps(job, runner, config, write),
                            threads=threads, desc="predict (tiff)")
-    else:  # both phases here, the pieces in memory
-        windows_steps, blend_steps = _exchange_steps(job, runner, config, PieceStore(None), write, None, 0.0,
-                                                     compute_missing=False)
-        run_phase(None, None, WINDOWS_PHASE, blocks, windows_steps, threads=threads, desc="predict windows (tiff)")
-        result = run_phase(None, None, MARKER_TASK, blocks, blend_steps, threads=threads, desc="predict (tiff)")
+    else:  # both phases in one pass, the pieces in memory
+        parts = _ExchangeParts(job, runner, PieceStore(None), None, 0.0, compute_missing=False)
+        onepass = _one_pass(parts, config, write, blocks, blocks, None)
+        result = run_phase(None, None, MARKER_TASK, blocks, onepass.steps(), threads=threads, desc="predict (tiff)")
     for target_values, url in zip(out, job.target_urls.values()):
         storage.write_tiff(url, target_values, job.out_res, job.offset, config.storage_options)
     save_resolved_config(_resolved(config, settings, job), job.output_url + ".config.yaml", config.storage_options)
@@ -782,8 +851,8 @@ def predict(config: PredictConfig, shard_index: int = 0, num_shards: int = 1, ov
     blocks_skipped, windows_run]}``. ``dry_run``: plan only (see :func:`plan_summary`),
     nothing is written; the summary is ``{"dry_run": True, "outputs": [plans]}``.
 
-    ``phase`` (``window_sharing: exchange``): ``all`` runs this shard's windows, then its
-    blend; a blend whose lower neighbours' windows are not done after ``wait_timeout``
+    ``phase`` (``window_sharing: exchange``): ``all`` runs this shard's windows and blend
+    in one pass; a blend whose lower neighbours' windows are not done after ``wait_timeout``
     seconds computes that overlap itself. ``windows`` / ``blend`` run one phase; the blend
     then waits up to ``wait_timeout`` seconds and fails (PhaseError) if they never come.
 
@@ -877,6 +946,8 @@ def plan_summary(config: PredictConfig, settings: ModelSettings, job: _Job, spec
         per_block = [len(ex.owned_windows(b)) for b in blocks]
         read_voxels = max((r.size for b in blocks if (r := ex.read_roi(ex.owned_windows(b))) is not None), default=0)
         sums = 8 * n_targets * max(ex.extent(b).size for b in blocks)  # int64 sums of core + halo
+        # --phase all: the spills kept for the next blocks (exchange_onepass.HOLD_BLOCKS at most)
+        sums += 8 * n_targets * write_voxels * HOLD_BLOCKS
     # blocks read ahead + the one computing (float32), the block's sums and its encoded output,
     # a batch of windows in and out (x4 with flips TTA); plus the model.
     peak = (4 * read_voxels * (ahead + 1) + sums + n_targets * write_voxels

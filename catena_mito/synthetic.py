@@ -593,9 +593,9 @@ class SyntheticVolume:
             if any(index.collides(*t) for t in tubes):
                 continue
             # the partner (second path) may overlap its own tube's main line, not its branch
-            if len(tubes) == 2 and len(lines[0]) == 2:
-                if _collide(*tubes[1], *_drawn_part(lines[0][1:], paths[0]["radius"])):
-                    continue
+            if len(tubes) == 2 and len(lines[0]) == 2 and _collide(
+                    *tubes[1], *_drawn_part(lines[0][1:], paths[0]["radius"])):
+                continue
             for t in tubes:
                 index.add(*t)
             groups += 1

@@ -520,6 +520,81 @@ def test_a_shard_ahead_of_lower_ones_computes_their_overlap_and_stays_exact(tmp_
     np.testing.assert_array_equal(read_output(output_urls(config)[0]), reference(model, raw))  # same bytes
 
 
+@pytest.mark.parametrize("hold_blocks,num_shards", [(0, 1), (4, 1), (0, 2), (100, 3)])
+def test_one_pass_holds_or_stores_each_spill_and_stays_exact(tmp_path, model_and_ckpt, dataset, monkeypatch,
+                                                             hold_blocks, num_shards):
+    """--phase all runs each block's windows and blend in one pass: spills for the next
+    blocks of the shard in memory (at most HOLD_BLOCKS blocks' worth of sums), the others
+    stored; the bytes are those of the whole-volume reference either way."""
+    import catena_mito.exchange_onepass as op
+
+    model, ckpt = model_and_ckpt
+    url, raw = dataset
+    monkeypatch.setattr(op, "HOLD_BLOCKS", hold_blocks)
+    most_held, infos = [0], {}
+    real_compute, real_put = op.OnePass.compute, op.PieceStore.put
+
+    def compute(self, block, data):
+        out = real_compute(self, block, data)
+        held = sum(a.nbytes for m in self.made.values() for _, a in m.held.values())
+        most_held[0] = max(most_held[0], held)
+        return out
+
+    def put(self, index, pieces):
+        infos.setdefault(index, set()).update(op.kind_name(k) for k in pieces)
+        return real_put(self, index, pieces)
+
+    monkeypatch.setattr(op.OnePass, "compute", compute)
+    monkeypatch.setattr(op.PieceStore, "put", put)
+    config = cfg(ckpt, [url], output_dir=str(tmp_path / "o"), block_shape=[8, 16, 16])  # 3 x 3 x 3 blocks
+    run_shards(config, num_shards)
+    np.testing.assert_array_equal(read_output(output_urls(config)[0]), reference(model, raw))
+    block = 8 * 16 * 16 * 8  # one target's int64 sums of one block
+    assert most_held[0] <= max(1, hold_blocks) * block
+    stored = set().union(*infos.values()) if infos else set()
+    assert "000" not in stored  # a block's own core never leaves the process
+    if num_shards == 1 and hold_blocks == 0:  # reach 1: only the spill onto the next block in x is held
+        assert stored == {"010", "011", "100", "101", "110", "111"}
+    if num_shards == 1 and hold_blocks >= 4:
+        assert "001" not in stored and most_held[0] > 0
+    store = run_store(output_urls(config)[0])
+    run_id = store.read_claim()["run_id"]
+    assert store.read_complete(run_id) is not None
+    assert not storage.exists(store.run_url(run_id, "windows", "pieces"))  # removed once complete
+
+
+def test_interrupted_one_pass_resumes_exactly_and_the_blend_alone_refuses(tmp_path, model_and_ckpt, dataset,
+                                                                          monkeypatch):
+    import catena_mito.predict as pm
+    from catena_mito.errors import PhaseError
+
+    model, ckpt = model_and_ckpt
+    url, raw = dataset
+    config = cfg(ckpt, [url], output_dir=str(tmp_path / "o"), block_shape=[8, 16, 16])
+    real_encode, calls = pm.encode, []
+
+    def failing_encode(probs, dtype):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt("killed")
+        return real_encode(probs, dtype)
+
+    monkeypatch.setattr(pm, "encode", failing_encode)
+    with pytest.raises(KeyboardInterrupt):
+        predict(config)
+    monkeypatch.setattr(pm, "encode", real_encode)
+    store = run_store(output_urls(config)[0])
+    windows = store.current_markers("windows")
+    assert windows.done_indices() == set(range(5))
+    assert "001" in windows.read(0)["held"]  # kept in memory for block 1: lost with the process
+    predict(config, phase="windows")  # the rest of the windows, every piece stored
+    with pytest.raises(PhaseError, match="interrupted --phase all"):
+        predict(config, phase="blend")
+    res = predict(config)["outputs"][0]  # --phase all computes the lost overlaps again
+    assert res["blocks_computed"] == 27 - 5
+    np.testing.assert_array_equal(read_output(output_urls(config)[0]), reference(model, raw))
+
+
 def test_bf16_and_channels_last_on_cpu_sharded_equal_single(tmp_path, model_and_ckpt, dataset):
     _, ckpt = model_and_ckpt
     url, _ = dataset

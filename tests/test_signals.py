@@ -111,21 +111,22 @@ def test_sigterm_stops_predict_as_pid1_and_a_rerun_is_identical(tmp_path):
     reference = storage.open_array(str(tmp_path / "b.zarr/volumes/predictions/mito"))[...]
     out = tmp_path / "a.zarr/volumes/predictions/mito"
     proc = _as_pid1(["predict", "--config", str(config("a"))])
-    # predict's first phase (window_sharing exchange) runs each block's own windows: the
-    # model's work, the phase a SIGTERM usually lands in
+    # predict --phase all (window_sharing exchange) runs each block's windows and blend in
+    # one pass: a SIGTERM lands in the model's work of some block
     _wait_for_markers(out / ".catena", proc)
     code, seconds, err = _stop(proc)
     assert code == 143, err
     assert seconds < 5.0, f"took {seconds:.1f} s to stop"
     assert "SIGTERM" in err and "Traceback" not in err
     assert "\r" not in err and "blocks (" in err  # plain progress lines, no bar
-    done = len(list(out.glob(".catena/predict/runs/*/windows/done/*.json")))
+    done = len(list(out.glob(".catena/predict/runs/*/predict/done/*.json")))
     assert 0 < done < 2 * 3 * 3, "stopped before the end, with some blocks done"
-    assert _check_markers_hold_data(out, reference) == 0  # no output block was marked done
-    shard_states = [yaml.safe_load(p.read_text())["state"] for p in out.glob(".catena/predict/runs/*/windows/shards/*.json")]
-    assert shard_states == ["stopped"]
+    assert _check_markers_hold_data(out, reference) == done  # every block marked done holds its data
+    for phase in ("windows", "predict"):
+        states = [yaml.safe_load(p.read_text())["state"] for p in out.glob(f".catena/predict/runs/*/{phase}/shards/*.json")]
+        assert states == ["stopped"], phase
     summary = predict(load_config(PredictConfig, str(config("a"))))
-    assert summary["outputs"][0]["phases"]["windows"]["blocks_skipped"] == done  # resumed
+    assert summary["outputs"][0]["blocks_skipped"] == done  # resumed
     np.testing.assert_array_equal(storage.open_array(str(out))[...], reference)
 
 
