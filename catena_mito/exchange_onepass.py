@@ -58,7 +58,7 @@ from catena_mito.errors import StorageError
 from catena_mito.exchange import Exchange, PieceStore, kind_name
 
 #: What spills a pass keeps in memory at most, in blocks' worth of int64 sums (all targets).
-HOLD_BLOCKS = 4
+HOLD_BLOCKS = 2
 OWN: Coord = (0, 0, 0)
 
 #: ``fetch(block, [(source, kind), ...])`` → ``(got, missing)``: the pieces read from the

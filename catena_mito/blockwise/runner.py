@@ -40,6 +40,7 @@ from typing import Any
 
 from catena_mito.blockwise import signals
 from catena_mito.blockwise.geometry import Block, select_shard
+from catena_mito.blockwise.heap import release_free_heap
 from catena_mito.blockwise.progress import Progress
 from catena_mito.blockwise.runs import RunSpec, RunStore
 from catena_mito.errors import RunMismatchError, Stopped
@@ -227,6 +228,7 @@ def _run_pipeline(todo: Sequence[Block], steps: BlockSteps, finish: Callable[[Bl
                 block, future = reads.popleft()
                 data = future.result() if future is not None else None
                 top_up()
+                release_free_heap()  # what the previous blocks freed (see blockwise.heap)
                 output = steps.compute(block, data)
                 writes.append(pool.submit(finish, block, output))
                 drain(threads)
@@ -249,6 +251,8 @@ def _run_parallel(todo: Sequence[Block], steps: BlockSteps, finish: Callable[[Bl
     def one(block: Block) -> None:
         data = steps.read(block) if steps.read else None
         finish(block, steps.compute(block, data))
+        del data
+        release_free_heap()  # see blockwise.heap
 
     if threads <= 1:
         for count, block in enumerate(todo):
