@@ -224,3 +224,31 @@ def test_inputs_known_by_content_do_not_depend_on_their_url_spelling(tmp_path):
     assert spec(str(tmp_path / "m.pth"), str(tmp_path / "x" / ".." / "d.zarr") + "/").run_id == base.run_id
     assert spec(str(tmp_path / "m.pth"), str(tmp_path / "other.zarr")).run_id != base.run_id
     assert spec("s3://b/m.pth", "s3://b//d.zarr/").run_id == spec("s3://c/m.pth", "s3://b/d.zarr").run_id
+
+
+def test_free_heap_pages_go_back_to_the_system_between_blocks():
+    """blockwise.heap: after a block's large arrays are freed, their pages leave the RSS
+    (glibc keeps them otherwise, once its mmap threshold has risen past their size)."""
+    import platform
+
+    import numpy as np
+
+    from catena_mito.blockwise import heap
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    assert heap._malloc_trim() is not None
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    big = np.ones(16 * 2**20 // 8)  # freed: raises the mmap threshold to 16 MiB...
+    del big
+    arrays = [np.ones(2**20) for _ in range(48)]  # ...so these 8 MiB arrays come from the heap
+    top = np.ones(2**15)  # above them: their free pages are not at the heap's top, which glibc trims
+    del arrays
+    before = rss()
+    heap.release_free_heap()
+    assert rss() < before - 128 * 2**20  # most of their 384 MiB handed back
+    del top
