@@ -1147,7 +1147,7 @@ class _LabelTask:
                                 "of the sizes table; rerun every phase with --overwrite")
             lut = self._sizes[ids]
             num_rest = int(packed.meta.get("unseeded", 0))
-            if self.settings.unseeded_components:  # the block's unseeded components follow
+            if self.settings.unseeded_components and num_rest:  # the block's unseeded components follow
                 data = storage.read_bytes(self._unseeded_map_url(block.index), self.options)
                 with _NPY_HEADER_LOCK:
                     rest = np.load(io.BytesIO(data)).astype(dtype, copy=False)
