@@ -9,7 +9,13 @@ Three figures, one subcommand each:
              are one connected piece whose seed region (mask minus contour) is one piece
              too — no seeded method can find the others as one object. ``--noise`` and
              ``--blur`` degrade the perfect inputs (Gaussian blur, then additive noise,
-             clipped to [0, 1]). Goal: F1@0.75 >= 0.98.
+             clipped to [0, 1]). Goal: F1@0.75 >= 0.98. Then why each ground-truth
+             object the contour mode misses at IoU 0.75 is missed (:data:`MISS_CAUSES`,
+             the first that holds: under ``thres_small_instances``, no seed voxel, only
+             seeds under ``thres_small_seeds``, removed after growing, merged, split,
+             short), how many of them touch a face of the volume, and their sizes;
+             ``--list`` prints each. ``--unseeded 0`` turns ``unseeded_components`` off
+             (quality and sweep).
 ``sweep``    mean F1 over seeds on degraded inputs, for a grid of ``thres_seed``,
              ``thres_contour`` and ``grow_distance`` (the tables in docs/tuning.md);
              ``--mode distance`` sweeps ``seed_distance`` and ``grow_distance`` instead
@@ -27,7 +33,7 @@ Three figures, one subcommand each:
 ``score`` scores a real prediction (after the demo model predicts a contour):
 ``--prediction URL`` (the foreground; the contour beside it) against ``--labels URL``.
 
-    .venv/bin/python bench/instances.py quality [--seeds 0 1 2] [--size 128] [--noise 0 --blur 0]
+    .venv/bin/python bench/instances.py quality [--seeds 0 1 2] [--size 128] [--noise 0 --blur 0] [--list]
     .venv/bin/python bench/instances.py sweep   [--seeds 0 1 2] [--size 96] [--noise 0.15 --blur 1]
     .venv/bin/python bench/instances.py sweep   --mode distance --blur 0 --noise 0
     .venv/bin/python bench/instances.py speed   [--size 512] [--small 256] [--block 128] [--memory-block 64]
@@ -100,7 +106,8 @@ def settings(mode: str, **kw):
     from catena_mito.instances import InstanceSettings
 
     base = dict(thres_foreground=0.5, thres_small_instances=100, connectivity=26, thres_seed=0.8,
-                thres_contour=0.3, thres_small_seeds=8, grow_distance=8)  # LabelConfig's defaults
+                thres_contour=0.3, thres_small_seeds=8, grow_distance=8,
+                unseeded_components=True)  # LabelConfig's defaults
     base.update(kw)
     return InstanceSettings(mode=mode, **base)
 
@@ -122,6 +129,70 @@ def without_small(ids: np.ndarray, min_size: int) -> np.ndarray:
     return np.where(np.isin(ids, small[small > 0]), 0, ids).astype(ids.dtype)
 
 
+
+# --- why an object is missed ----------------------------------------------------------------
+
+#: The causes of a miss, in the order they are tested (the first that holds is the cause).
+MISS_CAUSES = (
+    ("small", "the object has fewer than thres_small_instances voxels: removed from any output by design"),
+    ("no seed", "no seed voxel in the object (all of it is contour, or foreground not high enough)"),
+    ("seed dropped", "seed voxels, but each seed piece under thres_small_seeds voxels"),
+    ("removed", "a kept seed, but every grown object on it under thres_small_instances voxels"),
+    ("merged", "the prediction that overlaps it most also covers another ground-truth object"),
+    ("split", "several predictions cover it, none with IoU >= 0.75"),
+    ("short", "one prediction alone, IoU < 0.75 (growth stopped short, or spilled into background)"),
+)
+
+
+def miss_breakdown(ids: np.ndarray, fg: np.ndarray, contour: np.ndarray, s, found: np.ndarray,
+                   threshold: float = 0.75) -> list[dict]:
+    """One row per ground-truth object that ``found`` misses at IoU ``threshold``: its id,
+    size (voxels), whether it touches a face of the volume, its seed voxels and the cause
+    (the first of :data:`MISS_CAUSES` that holds), in ground-truth id order."""
+    from catena_mito.instance_metrics import Contingency, match_instances, pair_ious
+    from catena_mito.instances.components import connected_components
+    from catena_mito.instances.whole import number_by_first_voxel, seed_mask
+
+    raw = seed_mask(fg, contour, s)
+    kept = number_by_first_voxel(connected_components(raw, s.connectivity)[0], s.thres_small_seeds)
+    c = Contingency()
+    c.update(ids, found)
+    t = c.tables()
+    matched = set(match_instances(t, threshold)[0].tolist())
+    ious = pair_ious(t)
+    face = np.zeros(int(ids.max()) + 1, bool)
+    for a in range(3):
+        for end in (0, -1):
+            face[np.unique(np.take(ids, end, axis=a))] = True
+    # per-object statistics in one pass each (bincount over the ground-truth ids)
+    flat = ids.ravel()
+    n = len(face)
+    seed_voxels = np.bincount(flat, raw.ravel(), n).astype(np.int64)
+    kept_voxels = np.bincount(flat, (kept.ravel() > 0), n).astype(np.int64)
+    rows = []
+    for g, size in zip(t["gt_ids"].tolist(), t["gt_sizes"].tolist()):
+        if g in matched:
+            continue
+        on = t["pair_gt"] == g
+        preds, inter = t["pair_pred"][on], t["pair_intersection"][on]
+        if size < s.thres_small_instances:
+            cause = "small"
+        elif seed_voxels[g] == 0:
+            cause = "no seed"
+        elif kept_voxels[g] == 0:
+            cause = "seed dropped"
+        elif len(preds) == 0:
+            cause = "removed"
+        else:
+            best = preds[np.argmax(inter)]
+            others = np.unique(t["pair_gt"][(t["pair_pred"] == best) & (t["pair_gt"] != g)])
+            cause = "merged" if len(others) else "split" if len(preds) > 1 else "short"
+        rows.append({"id": int(g), "size": int(size), "face": bool(face[g]), "seed_voxels": int(seed_voxels[g]),
+                     "labelled": round(float(inter.sum()) / size, 3),
+                     "best_iou": round(float(ious[on].max()), 3) if on.any() else 0.0, "cause": cause})
+    return rows
+
+
 def cmd_quality(args) -> None:
     from catena_mito.instances import instances_whole_volume
 
@@ -130,25 +201,42 @@ def cmd_quality(args) -> None:
     print(f"F1 against every ground-truth id, and (last column) against the ids of at least "
           f"{args.min_size} voxels")
     print("seed  gt  seedable | CC n F1@.5 F1@.75 | contour n F1@.5 F1@.75 | gt>=min  F1@.75")
-    rows = []
+    rows, misses = [], []
     for seed in args.seeds:
         ids = volume(args.size, seed)
         fg, contour = perfect_inputs(ids, args.width, args.blur, args.noise, seed)
         cc = scores(ids, instances_whole_volume(fg, None, settings("connected_components",
                                                                   thres_small_instances=args.min_size)))
-        found = instances_whole_volume(fg, contour, settings(
-            "contour", thres_small_instances=args.min_size, grow_distance=args.grow_distance,
-            thres_seed=args.thres_seed, thres_contour=args.thres_contour, thres_small_seeds=args.small_seeds))
+        s = settings("contour", thres_small_instances=args.min_size, grow_distance=args.grow_distance,
+                     thres_seed=args.thres_seed, thres_contour=args.thres_contour,
+                     thres_small_seeds=args.small_seeds, unseeded_components=bool(args.unseeded))
+        found = instances_whole_volume(fg, contour, s)
         ct = scores(ids, found)
         big = scores(without_small(ids, args.min_size), found)
         ok = seedable(ids, args.width)
         rows.append((cc, ct, big))
+        misses += [{"seed": seed, **m} for m in miss_breakdown(ids, fg, contour, s, found)]
         print(f"{seed:4d} {cc['n_gt']:4d} {ok:6d}   | {cc['n_pred']:4d} {cc['f1@0.5']:.3f} {cc['f1@0.75']:.3f} | "
               f"{ct['n_pred']:4d} {ct['f1@0.5']:.3f} {ct['f1@0.75']:.3f} | {big['n_gt']:5d}   {big['f1@0.75']:.3f}")
     mean = lambda k, i: float(np.mean([r[i][k] for r in rows]))  # noqa: E731
     print(f"mean              | CC F1@.5 {mean('f1@0.5', 0):.3f} F1@.75 {mean('f1@0.75', 0):.3f} | "
           f"contour F1@.5 {mean('f1@0.5', 1):.3f} F1@.75 {mean('f1@0.75', 1):.3f} | "
           f"gt>=min F1@.75 {mean('f1@0.75', 2):.3f}  (goal F1@.75 >= 0.98)")
+    n_gt = sum(r[1]["n_gt"] for r in rows)
+    n_pred = sum(r[1]["n_pred"] for r in rows)
+    tp = n_gt - len(misses)
+    print(f"\ncontour mode, all seeds: {n_gt} ground-truth objects, {len(misses)} missed at IoU 0.75, "
+          f"{n_pred - tp} predictions unmatched; the cause of each miss (the first that holds):")
+    print("  cause         missed  on a face  sizes (voxels)   what it means")
+    for cause, meaning in MISS_CAUSES:
+        m = [r for r in misses if r["cause"] == cause]
+        if not m:
+            continue
+        sizes = sorted(r["size"] for r in m)
+        print(f"  {cause:13s} {len(m):6d} {sum(r['face'] for r in m):10d}  {sizes[0]:6d}-{sizes[-1]:<8d}  {meaning}")
+    if args.list:
+        for r in misses:
+            print("  " + json.dumps(r))
 
 
 def cmd_sweep(args) -> None:
@@ -176,7 +264,7 @@ def cmd_sweep(args) -> None:
                   else dict(thres_seed=ts, thres_contour=tc))
             s = scores(ids, instances_whole_volume(fg, contour, settings(
                 args.mode, grow_distance=d, thres_small_seeds=args.small_seeds,
-                thres_small_instances=args.min_size, **kw)))
+                thres_small_instances=args.min_size, unseeded_components=bool(args.unseeded), **kw)))
             f5.append(s["f1@0.5"])
             f75.append(s["f1@0.75"])
         head = f"| {sd:g} | {d} |" if args.mode == "distance" else f"| {ts} | {tc} | {d} |"
@@ -343,6 +431,10 @@ def main() -> None:
         p.add_argument("--noise", type=float, default=0.0 if name == "quality" else 0.15)
         p.add_argument("--min-size", type=int, default=100, help="thres_small_instances")
         p.add_argument("--small-seeds", type=int, default=8, help="thres_small_seeds")
+        p.add_argument("--unseeded", type=int, choices=[0, 1], default=1,
+                       help="unseeded_components (1, LabelConfig's default; 0: seedless components stay 0)")
+        if name == "quality":
+            p.add_argument("--list", action="store_true", help="print every missed object")
         multi = name == "sweep"
         p.add_argument("--thres-seed", type=float, nargs="+" if multi else None,
                        default=[0.7, 0.8, 0.9] if multi else 0.8)

@@ -296,6 +296,14 @@ class LabelConfig(JobConfig):
                                "voxel takes the id of the nearest seed by geodesic distance inside the foreground "
                                "(steps under `connectivity`, ties to the smaller id) when it is at most this many "
                                "steps away, else 0; also the halo (voxels) each block reads.")
+    unseeded_components: bool = Field(True, description="Beyond the design. `contour`/`distance` modes: each "
+                                      "connected component of the foreground (under `connectivity`) that holds no "
+                                      "grown voxel (no seed voxel, or only seeds under `thres_small_seeds`: a thin "
+                                      "piece all contour, a sliver cut by the volume's face) is an object of its "
+                                      "own, numbered after the seeded objects by first voxel and kept or removed "
+                                      "by `thres_small_instances` like them; false: such components stay "
+                                      "background (pytorch_connectomics' `bc_watershed`). Voxels of a seeded "
+                                      "component beyond `grow_distance` stay background either way.")
     seed_distance: float = Field(40.0, gt=0, description="Beyond the design. `distance` mode: a seed voxel has no "
                                  "background voxel closer than this (nm, Euclidean, by the input's resolution; "
                                  "outside the volume counts as foreground).")

@@ -34,10 +34,28 @@ Every phase runs through the one block runner (:mod:`catena_mito.blockwise.runne
                         around (a halo of ``grow_distance`` voxels reaches no further), map
                         each block's provisional labels to seed ids, grow (exact with that
                         halo), write the block's grown ids (block-local ids and their seed
-                        ids) → W/runs/<id>/grow/grown/<i>.arrays, and its per-seed counts
+                        ids) → W/runs/<id>/grow/grown/<i>.arrays, and its per-seed counts;
+                        with ``unseeded_components``, also the provisional connected
+                        components of the block's foreground left at 0 by the growth (local
+                        ids after the seeds' in the same file), their summary for the
+                        stitching (sizes, first voxels, boundary planes) and which of them
+                        touch a grown voxel → .../unseeded/<i>
     sizes    (1 proc.)  sum the counts; grown objects under ``thres_small_instances``
-                        removed; final ids 1..K in seed order → W/runs/<id>/sizes/table.npy
+                        removed; final ids 1..K in seed order → W/runs/<id>/sizes/table.npy;
+                        unseeded components stitched across blocks exactly as the merge
+                        stitches (union-find over the boundary planes, global sizes); those
+                        with a part touching a grown voxel (the far end of a seeded object)
+                        or under ``thres_small_instances`` removed, the rest K+1..K+U by
+                        first voxel → W/runs/<id>/sizes/maps/<i>.npy
     relabel  (sharded)  map the grown ids of each block → the output array
+
+A foreground component holds no grown voxel exactly when no part of ``foreground and
+grown == 0`` in it touches a grown voxel. Both are exact per block after growth, except
+that "touches" looks one voxel across the block's faces: with ``unseeded_components``
+the grow phase reads a halo of ``grow_distance + 1`` voxels (face slabs one voxel
+thicker), which makes the grown ids on that ring exact as well; the stitching of
+:mod:`catena_mito.stitch` joins the parts across blocks and drops an object with any
+touching part.
 
 Distance seeds read a halo of ``ceil(seed_distance / resolution)`` voxels in the blocks
 phase. Connected-components runs keep their run description (and run ids) unchanged.
@@ -141,7 +159,7 @@ TIFF_MEMORY_FRACTION = 0.5
 ALGORITHM_VERSION = 1
 #: Bumped whenever a change in :mod:`catena_mito.instances` changes a seeded mode's output
 #: (connected-components runs do not carry it, so their run ids stay as they were).
-INSTANCE_ALGORITHM_VERSION = 1
+INSTANCE_ALGORITHM_VERSION = 2
 
 __all__ = ["PhaseError", "OutputTooLargeError", "label", "LabelSummary"]
 
@@ -597,16 +615,19 @@ class _LabelTask:
         self._run("blocks", self.grid.blocks(), BlockSteps(compute=compute, write=write, parallel=True),
                   shard_index, num_shards, overwrite, f"label blocks {shard_index}/{num_shards}")
 
-    def _load_block(self, index: int) -> BlockResult:
-        data = storage.read_bytes(self.block_data(index), self.options)
+    def _load_block(self, index: int, url: str | None = None) -> BlockResult:
+        """Block ``index``'s :class:`BlockResult` from the blocks phase (or from ``url``: the
+        unseeded components of the grow phase)."""
+        fix = "rerun --phase blocks with --overwrite" if url is None else "rerun every phase with --overwrite"
+        url = url or self.block_data(index)
+        data = storage.read_bytes(url, self.options)
         with _NPY_HEADER_LOCK, np.load(io.BytesIO(data)) as npz:
             result = BlockResult.from_npz_dict(npz)
         expected = self.grid.block(index).write_roi
         if result.offset != expected.offset or result.shape != expected.shape:
             raise DataError(
-                f"{storage.redact_url(self.block_data(index))!r} describes block "
-                f"{result.offset}+{result.shape}, expected {expected.offset}+{expected.shape}; "
-                "rerun --phase blocks with --overwrite"
+                f"{storage.redact_url(url)!r} describes block "
+                f"{result.offset}+{result.shape}, expected {expected.offset}+{expected.shape}; {fix}"
             )
         return result
 
@@ -625,18 +646,32 @@ class _LabelTask:
             self._set_merge_summary(self.store.markers(self.spec.run_id, "merge").read(0))
 
     def _merge_tables(self) -> Any:
-        sizes, firsts, pairs = [], [], []
+        # seeded modes number seeds here: small seeds go, small grown objects go after growing
+        min_size = self.settings.thres_small_seeds if self.instances else self.config.thres_small_instances
+        table, num_pairs = self._stitch(self._load_block, min_size)
+        log.info("label merge: %d provisional labels, %d equivalences, %d %s kept, %d removed "
+                 "(< %d voxels)", int(table.offsets[-1]), num_pairs,
+                 table.num_objects, "seeds" if self.instances else "objects", table.num_removed, min_size)
+        return table
+
+    def _stitch(self, load: Callable[[int], BlockResult], min_size: int) -> tuple[Any, int]:
+        """The global table of the provisional labels of every block (``load(i)`` gives block
+        ``i``'s :class:`BlockResult`), and the number of equivalences across blocks; objects
+        with a part marked ``drop`` are removed (the unseeded components touching a grown
+        object)."""
+        sizes, firsts, pairs, drops = [], [], [], []
         offsets = [0]
         upper_cache: OrderedDict[int, BlockResult] = OrderedDict()
         _, gy, gx = self.grid.grid_shape
         reach = gy * gx + gx + 1  # the earliest block a forward neighbour can be behind
         offsets_d = forward_offsets(self.config.connectivity)
         indices = list(range(self.grid.num_blocks))
-        for result in _ordered_prefetch(self._load_block, indices, SMALL_FILE_THREADS):
+        for result in _ordered_prefetch(load, indices, SMALL_FILE_THREADS):
             i = len(sizes)
             block = self.grid.block(i)
             sizes.append(result.sizes)
             firsts.append(result.first)
+            drops.append(result.drop if result.drop is not None else np.zeros(result.num_labels, bool))
             offsets.append(offsets[-1] + result.num_labels)
             if result.num_labels:
                 for d in offsets_d:
@@ -657,13 +692,7 @@ class _LabelTask:
             upper_cache[i] = result
             while upper_cache and next(iter(upper_cache)) < i - reach:
                 upper_cache.popitem(last=False)
-        # seeded modes number seeds here: small seeds go, small grown objects go after growing
-        min_size = self.settings.thres_small_seeds if self.instances else self.config.thres_small_instances
-        table = global_table(sizes, firsts, pairs, min_size)
-        log.info("label merge: %d provisional labels, %d equivalences, %d %s kept, %d removed "
-                 "(< %d voxels)", int(table.offsets[-1]), sum(len(p) for p in pairs),
-                 table.num_objects, "seeds" if self.instances else "objects", table.num_removed, min_size)
-        return table
+        return global_table(sizes, firsts, pairs, min_size, drops), sum(len(p) for p in pairs)
 
     def _write_merge(self, _block: Block, table: Any) -> dict:
         dtype = _final_dtype(table.num_objects)
@@ -687,8 +716,13 @@ class _LabelTask:
     #                      foreground has no seed, 0 elsewhere (the smallest dtype that fits)
     #   blocks/faces/<i>   its face slabs, ``min(grow_distance, extent)`` thick: all that the
     #                      grow halo of another block can reach of it
-    #   grow/grown/<i>     the grown seed ids of the block, as ``ids[local]``
+    #   grow/grown/<i>     the grown seed ids of the block, as ``ids[local]``; with
+    #                      ``unseeded_components``, local ids ``len(ids) + j - 1`` are the
+    #                      block's provisional unseeded component ``j`` (``meta["unseeded"]``)
     #   grow/counts/<i>    the voxels of each grown seed id in the block (for the sizes phase)
+    #   grow/unseeded/<i>  the block's unseeded components as a BlockResult (the sizes phase
+    #                      stitches them as the merge stitches seeds)
+    #   sizes/maps/<i>     final id of each unseeded component of block ``i`` (0: removed)
 
     def _labels_url(self, i: int) -> str:
         return self.url("blocks", "labels", f"{i}.arrays")
@@ -699,8 +733,21 @@ class _LabelTask:
     def _grown_url(self, i: int) -> str:
         return self.url("grow", "grown", f"{i}.arrays")
 
+    def _unseeded_url(self, i: int) -> str:
+        return self.url("grow", "unseeded", f"{i}.npz")
+
+    def _unseeded_map_url(self, i: int) -> str:
+        return self.url("sizes", "maps", f"{i}.npy")
+
+    def _grow_halo(self) -> int:
+        """Voxels per axis the grow phase reads around a block: ``grow_distance``, and one
+        more with ``unseeded_components``, so that the grown ids on a one-voxel ring around
+        the block are exact too (an unseeded component touching a grown voxel across the
+        block's face is the far part of a seeded object, not an object of its own)."""
+        return self.settings.grow_distance + (1 if self.settings.unseeded_components else 0)
+
     def _face_thickness(self, extent: int) -> int:
-        return min(self.settings.grow_distance, extent)
+        return min(self._grow_halo(), extent)
 
     def _pack_provisional(self, labels: np.ndarray, n: int, mask: np.ndarray) -> tuple[bytes, bytes | None]:
         """The packed provisional labels of a block (mask-only voxels ``n + 1``), and its faces."""
@@ -802,6 +849,7 @@ class _LabelTask:
                       "run `catena-mito label --phase merge` first")
         dtype = np.dtype(merge.read(0)["dtype"])
         distance = self.settings.grow_distance
+        halo = self._grow_halo()
         volume = self.grid.volume_roi
         self._maps = OrderedDict()
         # a block's halo reaches the blocks around it: keep the tables of two planes of
@@ -809,14 +857,27 @@ class _LabelTask:
         _, gy, gx = self.grid.grid_shape
         self._map_cache = max(64, 2 * (gy * gx + gx + 1) + 2 * self.threads)
 
-        def compute(block: Block, _: Any) -> tuple[bytes, bytes]:
+        unseeded = self.settings.unseeded_components
+
+        def compute(block: Block, _: Any) -> tuple[bytes, bytes, bytes | None]:
             import fastremap
 
             roi = block.write_roi
-            region = roi.grow(distance).intersect(volume)
+            region = roi.grow(halo).intersect(volume)
             seeds, mask, region_ids = self._region_seeds(block, region)
-            grown = grow(seeds, mask, self.config.connectivity, distance)[roi.to_slices(region)]
-            del seeds, mask
+            inner = roi.to_slices(region)
+            grown_region = grow(seeds, mask, self.config.connectivity, distance)
+            grown = grown_region[inner]
+            rest = None
+            if unseeded:  # the block's foreground that no seed reached, in components
+                rest_mask = np.ascontiguousarray(mask[inner]) & (grown == 0)
+                rest, num_rest = connected_components(rest_mask, self.config.connectivity)
+                del rest_mask
+                result = BlockResult.from_labels(rest, num_rest, roi.offset, self.input.shape)
+                result.drop = self._touching_grown(rest, num_rest, grown_region, roi, region)
+                rest_buffer = io.BytesIO()
+                np.savez_compressed(rest_buffer, **result.to_npz_dict())
+            del seeds, mask, grown_region
             # block-local ids (the smallest dtype): relabel maps them through ``ids``
             local, mapping = fastremap.renumber(np.ascontiguousarray(grown), preserve_zero=True, in_place=True)
             ranks = np.zeros(max(mapping.values(), default=0) + 1, np.int64)
@@ -829,14 +890,54 @@ class _LabelTask:
             buffer = io.BytesIO()
             np.savez_compressed(buffer, ids=np.asarray(ids[uniq[keep]], np.int64),
                                 counts=np.asarray(counts[keep], np.int64))
-            return pack({"local": local, "ids": ids}), buffer.getvalue()
+            if rest is None:
+                return pack({"local": local, "ids": ids}), buffer.getvalue(), None
+            if num_rest:  # unseeded component j: local id len(ids) - 1 + j
+                local = local.astype(smallest_uint(len(ids) - 1 + num_rest), copy=False)
+                np.add(rest, len(ids) - 1, out=local, where=rest > 0, casting="unsafe")
+            return (pack({"local": local, "ids": ids}, {"unseeded": int(num_rest)}), buffer.getvalue(),
+                    rest_buffer.getvalue())
 
-        def write(block: Block, result: tuple[bytes, bytes]) -> None:
+        def write(block: Block, result: tuple[bytes, bytes, bytes | None]) -> None:
             storage.write_bytes(self._grown_url(block.index), result[0], self.options, sync=False)
+            if result[2] is not None:
+                storage.write_bytes(self._unseeded_url(block.index), result[2], self.options, sync=False)
             storage.write_bytes(self._grow_counts(block.index), result[1], self.options)
 
         self._run("grow", self.grid.blocks(), BlockSteps(compute=compute, write=write, parallel=True),
                   shard_index, num_shards, overwrite, f"label grow {shard_index}/{num_shards}")
+
+    def _touching_grown(self, rest: np.ndarray, num_rest: int, grown_region: np.ndarray, roi: Roi,
+                        region: Roi) -> np.ndarray:
+        """Which of a block's provisional unseeded components touch a grown voxel (under
+        ``connectivity``), in the block or on the one-voxel ring around it (exact there:
+        the grow phase reads a halo one voxel deeper than ``grow_distance``).
+
+        Gathers the neighbours of the component voxels only (a few per cent of a block at
+        most), not a dense dilation of the block (which would cost more than the growth).
+        """
+        touched = np.zeros(num_rest, bool)
+        if num_rest == 0:
+            return touched
+        ring = roi.grow(1).intersect(self.grid.volume_roi)
+        # the ring's grown ids as "reached", padded by one voxel of False where the ring is
+        # clipped by the volume's edge, so that every neighbour of a block voxel is inside
+        reached = np.zeros(tuple(s + 2 for s in roi.shape), bool)
+        lo = [1 - (b - rb) for b, rb in zip(roi.begin, ring.begin)]
+        reached[tuple(slice(a, a + s) for a, s in zip(lo, ring.shape))] = grown_region[ring.to_slices(region)] > 0
+        flat = reached.ravel()
+        where = np.flatnonzero(rest)
+        labels = rest.ravel()[where]
+        z, y, x = np.unravel_index(where, rest.shape)
+        base = np.ravel_multi_index((z + 1, y + 1, x + 1), reached.shape)
+        steps = [np.ravel_multi_index((1 + dz, 1 + dy, 1 + dx), reached.shape) - np.ravel_multi_index((1, 1, 1),
+                 reached.shape) for dz, dy, dx in itertools.product((-1, 0, 1), repeat=3)
+                 if 0 < abs(dz) + abs(dy) + abs(dx) <= {6: 1, 18: 2, 26: 3}[self.config.connectivity]]
+        hit = np.zeros(len(where), bool)
+        for step in steps:
+            hit |= flat[base + step]
+        touched[np.unique(labels[hit]).astype(np.int64) - 1] = True
+        return touched
 
     def run_sizes(self, overwrite: bool, wait_timeout: float) -> None:
         """Global sizes of the grown objects; small ones removed; final ids by seed id."""
@@ -857,8 +958,10 @@ class _LabelTask:
         with _NPY_HEADER_LOCK, np.load(io.BytesIO(data)) as npz:
             return np.asarray(npz["ids"], np.int64), np.asarray(npz["counts"], np.int64)
 
-    def _size_table(self, num_seeds: int) -> tuple[np.ndarray, int]:
-        """``table[seed id] = final id`` (0 = removed), and the number of removed objects."""
+    def _size_table(self, num_seeds: int) -> tuple[np.ndarray, int, Any]:
+        """``table[seed id] = final id`` (0 = removed), the number of removed objects, and
+        the stitched unseeded components (None without ``unseeded_components``): their
+        final ids follow the seeds', by first voxel (C order)."""
         total = np.zeros(num_seeds + 1, np.int64)
         for ids, counts in _ordered_prefetch(self._load_counts, list(range(self.grid.num_blocks)),
                                              SMALL_FILE_THREADS):
@@ -869,22 +972,40 @@ class _LabelTask:
         keep = total >= self.config.thres_small_instances
         keep[0] = False
         kept = int(keep.sum())
-        table = np.zeros(num_seeds + 1, _final_dtype(kept))
+        rest = None
+        if self.settings.unseeded_components:
+            rest, _ = self._stitch(lambda i: self._load_block(i, self._unseeded_url(i)),
+                                   self.config.thres_small_instances)
+        num_rest = rest.num_objects if rest is not None else 0
+        table = np.zeros(num_seeds + 1, _final_dtype(kept + num_rest))
         table[keep] = np.arange(1, kept + 1, dtype=table.dtype)  # in seed-id order
-        log.info("label sizes: %d seeds grown, %d objects kept, %d removed (< %d voxels)", num_seeds, kept,
-                 num_seeds - kept, self.config.thres_small_instances)
-        return table, num_seeds - kept
+        removed = num_seeds - kept + (rest.num_removed if rest is not None else 0)
+        log.info("label sizes: %d seeds grown, %d objects kept (%d of them unseeded components), %d removed "
+                 "(< %d voxels)", num_seeds, kept + num_rest, num_rest, removed, self.config.thres_small_instances)
+        return table, removed, rest
 
-    def _write_sizes(self, _block: Block, result: tuple[np.ndarray, int]) -> dict:
-        table, removed = result
+    def _write_sizes(self, _block: Block, result: tuple[np.ndarray, int, Any]) -> dict:
+        table, removed, rest = result
         buffer = io.BytesIO()
         np.save(buffer, table)
         storage.write_bytes(self.url("sizes", "table.npy"), buffer.getvalue(), self.options)
-        kept = int(table.max()) if table.size else 0
+        seeded = int(table.max()) if table.size else 0
+        num_rest = rest.num_objects if rest is not None else 0
+        if rest is not None:  # unseeded components: final ids after the seeded objects
+
+            def write_map(i: int) -> None:
+                mapping = rest.block_mapping(i, table.dtype)
+                mapping[mapping > 0] += seeded
+                buffer = io.BytesIO()
+                np.save(buffer, mapping)
+                storage.write_bytes(self._unseeded_map_url(i), buffer.getvalue(), self.options)
+
+            with ThreadPoolExecutor(SMALL_FILE_THREADS) as pool:
+                list(pool.map(write_map, range(self.grid.num_blocks)))
         if not self.tiff:
             self._create_output(table.dtype)
-        return {"num_objects": kept, "num_removed": removed, "num_seeds": len(table) - 1,
-                "dtype": str(table.dtype), "output_shape": list(self.out_shape)}
+        return {"num_objects": seeded + num_rest, "num_removed": removed, "num_seeds": len(table) - 1,
+                "num_unseeded": num_rest, "dtype": str(table.dtype), "output_shape": list(self.out_shape)}
 
     def _final_info(self) -> dict[str, Any]:
         """The marker of the phase that fixed the final ids: sizes (seeded modes) or merge."""
@@ -1017,7 +1138,7 @@ class _LabelTask:
                 data = storage.read_bytes(self.url("sizes", "table.npy"), self.options)
                 with _NPY_HEADER_LOCK:
                     self._sizes = np.load(io.BytesIO(data)).astype(dtype, copy=False)
-            if not self._sizes.any():
+            if not self.summary.num_objects:
                 return None
             packed = self._read_packed(self._grown_url(block.index))
             ids = packed.get("ids")
@@ -1025,6 +1146,18 @@ class _LabelTask:
                 raise DataError(f"grown ids of block {block.index} exceed the {len(self._sizes) - 1} seeds "
                                 "of the sizes table; rerun every phase with --overwrite")
             lut = self._sizes[ids]
+            num_rest = int(packed.meta.get("unseeded", 0))
+            if self.settings.unseeded_components and num_rest:  # the block's unseeded components follow
+                data = storage.read_bytes(self._unseeded_map_url(block.index), self.options)
+                with _NPY_HEADER_LOCK:
+                    rest = np.load(io.BytesIO(data)).astype(dtype, copy=False)
+                if len(rest) != num_rest + 1:
+                    raise DataError(f"{packed.where} has {num_rest} unseeded components, the sizes phase "
+                                    f"{len(rest) - 1}; rerun every phase with --overwrite")
+                lut = np.concatenate([lut, rest[1:]])
+            elif num_rest:
+                raise DataError(f"{packed.where} holds unseeded components, but this run does not number "
+                                "them; rerun every phase with --overwrite")
             if not lut.any():  # no kept object here
                 return None
             local = packed.get("local")

@@ -62,6 +62,8 @@ class BlockResult:
     ``sizes[i]`` and ``first[i]`` describe provisional label ``i + 1``: its voxel count and
     the global C-order linear index of its first voxel. ``lower[a]`` / ``upper[a]`` are
     the block's first / last plane of provisional labels across axis ``a`` (z, y, x).
+    ``drop[i]`` (optional) marks label ``i + 1`` as part of an object that is removed
+    whatever its size (see :func:`global_table`).
     """
 
     offset: tuple[int, int, int]
@@ -70,6 +72,7 @@ class BlockResult:
     first: np.ndarray
     lower: tuple[np.ndarray, np.ndarray, np.ndarray]
     upper: tuple[np.ndarray, np.ndarray, np.ndarray]
+    drop: np.ndarray | None = None
 
     @property
     def num_labels(self) -> int:
@@ -114,6 +117,8 @@ class BlockResult:
         for a in range(3):
             out[f"lower{a}"] = self.lower[a]
             out[f"upper{a}"] = self.upper[a]
+        if self.drop is not None:
+            out["drop"] = np.asarray(self.drop, bool)
         return out
 
     @classmethod
@@ -125,6 +130,7 @@ class BlockResult:
             np.asarray(d["first"], np.int64),
             tuple(np.asarray(d[f"lower{a}"]) for a in range(3)),  # type: ignore[arg-type]
             tuple(np.asarray(d[f"upper{a}"]) for a in range(3)),  # type: ignore[arg-type]
+            np.asarray(d["drop"], bool) if "drop" in d else None,
         )
 
 
@@ -226,6 +232,7 @@ def global_table(
     first: Sequence[np.ndarray],
     pairs: Iterable[np.ndarray],
     min_size: int,
+    drop: Sequence[np.ndarray] | None = None,
 ) -> GlobalTable:
     """Join provisional labels into objects and number the kept ones deterministically.
 
@@ -234,6 +241,8 @@ def global_table(
     (0-based) known to be one object. Objects with fewer than ``min_size`` voxels in
     total are removed (final id 0); the rest get ids ``1..K`` in increasing order of their
     first voxel in C order, which is independent of how the volume was cut into blocks.
+    ``drop[i]`` (bool per label of block ``i``, optional): an object with any dropped part
+    is removed too, and not counted in ``num_removed``.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -258,8 +267,15 @@ def global_table(
     np.add.at(comp_size, comp, all_sizes)
     comp_first = np.full(num_comp, np.iinfo(np.int64).max, np.int64)
     np.minimum.at(comp_first, comp, all_first)
-    keep = np.flatnonzero(comp_size >= min_size)
+    comp_drop = np.zeros(num_comp, bool)
+    if drop is not None:
+        all_drop = np.concatenate([np.asarray(d, bool) for d in drop])
+        if len(all_drop) != n:
+            raise ValueError(f"drop flags for {len(all_drop)} labels, expected {n}")
+        np.logical_or.at(comp_drop, comp, all_drop)
+    keep = np.flatnonzero((comp_size >= min_size) & ~comp_drop)
     order = keep[np.argsort(comp_first[keep], kind="stable")]
     final_of_comp = np.zeros(num_comp, np.int64)
     final_of_comp[order] = np.arange(1, len(order) + 1, dtype=np.int64)
-    return GlobalTable(final_of_comp[comp], offsets, len(order), int(num_comp - len(order)))
+    return GlobalTable(final_of_comp[comp], offsets, len(order),
+                       int(num_comp - int(comp_drop.sum()) - len(order)))

@@ -82,7 +82,8 @@ def bfs_grow(seeds: np.ndarray, mask: np.ndarray, conn: int, limit: int) -> np.n
     return out
 
 
-def oracle(fg, contour, mode, conn, t_fg, t_seed, t_contour, small_seeds, dist, small, seed_nm=0.0, res=(1, 1, 1)):
+def oracle(fg, contour, mode, conn, t_fg, t_seed, t_contour, small_seeds, dist, small, seed_nm=0.0, res=(1, 1, 1),
+           unseeded=False):
     mask = fg.astype(np.float64) > t_fg
     if mode == "contour":
         seed = mask & (fg.astype(np.float64) > t_seed) & (contour.astype(np.float64) <= t_contour)
@@ -90,6 +91,11 @@ def oracle(fg, contour, mode, conn, t_fg, t_seed, t_contour, small_seeds, dist, 
         seed = brute_distance_seeds(mask, seed_nm, res)
     seeds = number(cc3d.connected_components(seed, connectivity=conn), small_seeds)
     grown = bfs_grow(seeds, mask, conn, dist)
+    if unseeded:  # foreground components that no seed reached, numbered after the seeds
+        comp = cc3d.connected_components(mask, connectivity=conn)
+        reached = {int(c) for c in comp[grown > 0]}
+        rest = number(np.where(np.isin(comp, sorted(reached)), 0, comp), 0)
+        grown = np.where(rest > 0, rest + int(seeds.max()), grown)
     counts = np.bincount(grown.ravel(), minlength=int(seeds.max()) + 1)
     table = np.zeros(len(counts), np.int64)
     keep = [i for i in range(1, len(counts)) if counts[i] >= small]
@@ -139,9 +145,10 @@ blocks = st.tuples(*[st.integers(3, 8)] * 3)
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=shapes, block=blocks, shards=st.integers(1, 4), conn=st.sampled_from([6, 18, 26]),
        dist=st.integers(0, 4), small=st.integers(0, 8), small_seeds=st.integers(0, 3),
-       t_contour=st.floats(0.2, 0.8), density=st.floats(0.3, 0.7), seed=st.integers(0, 2**16))
+       t_contour=st.floats(0.2, 0.8), density=st.floats(0.3, 0.7), seed=st.integers(0, 2**16),
+       unseeded=st.booleans())
 def test_contour_mode_equals_whole_volume(shape, block, shards, conn, dist, small, small_seeds, t_contour,
-                                          density, seed):
+                                          density, seed, unseeded):
     rng = np.random.default_rng(seed)
     fg = blobs(rng, shape, density)
     contour = rng.random(shape).astype(np.float32)
@@ -151,9 +158,10 @@ def test_contour_mode_equals_whole_volume(shape, block, shards, conn, dist, smal
     config = LabelConfig(input_prediction_path=root + "/p", output_instance_dir=root + "/out", chunk_size=block,
                          connectivity=conn, instance_mode="contour", thres_foreground=0.4, thres_seed=0.6,
                          thres_contour=t_contour, thres_small_seeds=small_seeds, grow_distance=dist,
-                         thres_small_instances=small)
+                         thres_small_instances=small, unseeded_components=unseeded)
     run_sharded(config, shards)
-    expected = oracle(fg, contour, "contour", conn, 0.4, 0.6, t_contour, small_seeds, dist, small)
+    expected = oracle(fg, contour, "contour", conn, 0.4, 0.6, t_contour, small_seeds, dist, small,
+                      unseeded=unseeded)
     np.testing.assert_array_equal(read_output(config), expected)
 
 
@@ -161,16 +169,18 @@ def test_contour_mode_equals_whole_volume(shape, block, shards, conn, dist, smal
 @given(shape=shapes, block=blocks, shards=st.integers(1, 3), conn=st.sampled_from([6, 18, 26]),
        dist=st.integers(0, 4), seed_nm=st.sampled_from([8.0, 12.0, 16.0, 20.0, 30.0]),
        res=st.sampled_from([(8, 8, 8), (16, 8, 8), (8, 4, 6)]), density=st.floats(0.4, 0.8),
-       seed=st.integers(0, 2**16))
-def test_distance_mode_equals_whole_volume(shape, block, shards, conn, dist, seed_nm, res, density, seed):
+       seed=st.integers(0, 2**16), unseeded=st.booleans())
+def test_distance_mode_equals_whole_volume(shape, block, shards, conn, dist, seed_nm, res, density, seed, unseeded):
     fg = blobs(np.random.default_rng(seed), shape, density)
     root = mem_url("dt")
     write(root + "/p", fg, res=tuple(float(r) for r in res))
     config = LabelConfig(input_prediction_path=root + "/p", output_instance_dir=root + "/out", chunk_size=block,
                          connectivity=conn, instance_mode="distance", seed_distance=seed_nm, thres_small_seeds=1,
-                         grow_distance=dist, thres_small_instances=2, thres_foreground=0.5)
+                         grow_distance=dist, thres_small_instances=2, thres_foreground=0.5,
+                         unseeded_components=unseeded)
     run_sharded(config, shards)
-    expected = oracle(fg, None, "distance", conn, 0.5, 0, 0, 1, dist, 2, seed_nm=seed_nm, res=res)
+    expected = oracle(fg, None, "distance", conn, 0.5, 0, 0, 1, dist, 2, seed_nm=seed_nm, res=res,
+                      unseeded=unseeded)
     np.testing.assert_array_equal(read_output(config), expected)
 
 
@@ -229,6 +239,37 @@ def test_whole_volume_function_equals_label():
     assert summary.num_objects == int(out.max()) and out.max() > 1
 
 
+def test_unseeded_foreground_is_numbered_after_the_seeds_unless_turned_off():
+    # three objects across 2x2x2 blocks: a seeded slab (z 0-1), a seedless one (all contour,
+    # z 3-5, crossing block faces) and a seeded rod (z 7) whose far end lies beyond
+    # grow_distance (in other blocks than its seed: it touches the grown part across a face)
+    fg = np.zeros((8, 6, 9), np.float32)
+    contour = np.ones(fg.shape, np.float32)
+    fg[0:2] = 1.0
+    contour[0:2, 1:5, 2:7] = 0.0
+    fg[3:6, 1:5, 1:5] = 1.0
+    fg[7, 0, :] = 1.0
+    contour[7, 0, 0] = 0.0
+    root = mem_url("unseeded")
+    write(root + "/p", fg)
+    write(root + "/p_contour", contour)
+    base = dict(input_prediction_path=root + "/p", chunk_size=(2, 2, 2), instance_mode="contour",
+                thres_small_seeds=1, thres_small_instances=1, grow_distance=3)
+    on = LabelConfig(**base, output_instance_dir=root + "/on")
+    run_sharded(on, 3)
+    out = read_output(on)
+    seeded = oracle(fg, contour, "contour", 26, 0.5, 0.8, 0.3, 1, 3, 1)
+    np.testing.assert_array_equal(out, oracle(fg, contour, "contour", 26, 0.5, 0.8, 0.3, 1, 3, 1, unseeded=True))
+    assert out.max() == 3  # slab, rod, then the seedless object; the rod's far end stays 0
+    assert set(np.unique(out[3:6, 1:5, 1:5])) == {3}
+    assert out[7, 0].tolist() == [2, 2, 2, 2, 0, 0, 0, 0, 0]
+    assert np.array_equal(out[seeded > 0], seeded[seeded > 0])
+    off = LabelConfig(**base, output_instance_dir=root + "/off", unseeded_components=False)
+    run_sharded(off, 2)
+    np.testing.assert_array_equal(read_output(off), seeded)
+    assert read_output(off).max() == 2
+
+
 # --- modes, inputs and identities ----------------------------------------------------------
 
 
@@ -263,10 +304,11 @@ def test_settings_that_change_values_are_in_the_run_id():
     write(root + "/p_contour", np.zeros((4, 4, 4), np.float32))
     base = dict(input_prediction_path=root + "/p", output_instance_dir=root + "/o", instance_mode="contour")
     ids = {_task(**base).spec.run_id}
-    for key, value in (("thres_seed", 0.9), ("thres_contour", 0.45), ("thres_small_seeds", 5), ("grow_distance", 2)):
+    for key, value in (("thres_seed", 0.9), ("thres_contour", 0.45), ("thres_small_seeds", 5), ("grow_distance", 2),
+                       ("unseeded_components", False)):
         ids.add(_task(**base, **{key: value}).spec.run_id)
     ids.add(_task(input_prediction_path=root + "/p", output_instance_dir=root + "/o", instance_mode="distance").spec.run_id)
-    assert len(ids) == 6
+    assert len(ids) == 7
 
 
 @pytest.mark.parametrize("kw, error, match", [
@@ -274,6 +316,7 @@ def test_settings_that_change_values_are_in_the_run_id():
     (dict(thres_seed=0.9), ConfigError, "thres_seed=0.9 is not used by instance_mode 'connected_components'"),
     (dict(instance_mode="distance", thres_contour=0.2), ConfigError, "thres_contour=0.2 is not used"),
     (dict(instance_mode="connected_components", grow_distance=3), ConfigError, "grow_distance=3 is not used"),
+    (dict(unseeded_components=False), ConfigError, "unseeded_components=False is not used"),
 ])
 def test_bad_settings_are_one_clear_error(kw, error, match):
     root = mem_url("bad")

@@ -4,10 +4,15 @@
 connected components of the thresholded foreground, small objects removed.
 ``contour`` and ``distance``: seeds (:mod:`catena_mito.instances.seeds`), numbered by
 exact connected components with seeds under ``thres_small_seeds`` voxels dropped, grown
-into the foreground mask (:mod:`catena_mito.instances.grow`), grown objects under
-``thres_small_instances`` voxels removed, the rest renumbered ``1..n`` in the order of
-their seed ids (each seed's first voxel in C order), which no block shape or shard count
-changes. ``auto`` is ``contour`` when there is a contour prediction (an explicit
+into the foreground mask (:mod:`catena_mito.instances.grow`). With
+``unseeded_components`` (the default) every connected component of the foreground that
+holds no grown voxel — no seed voxel (a thin piece all contour, a sliver cut by the
+volume's face) or only seeds dropped by size — is an object of its own, numbered after
+the seed ids (each component's first voxel in C order); without it such components stay
+0, as in pytorch_connectomics' ``bc_watershed``. Voxels of a seeded component beyond
+``grow_distance`` stay 0 either way. Objects under ``thres_small_instances`` voxels are
+removed, the rest renumbered ``1..n`` in the order of their ids (seeded objects by seed
+id, then the unseeded components), which no block shape or shard count changes. ``auto`` is ``contour`` when there is a contour prediction (an explicit
 ``input_contour_path``, or the foreground array lists ``contour`` in ``catena_targets``),
 else ``connected_components``.
 """
@@ -30,8 +35,9 @@ TARGETS_ATTR = "catena_targets"
 #: LabelConfig fields each mode reads beyond the connected-components ones.
 MODE_FIELDS: dict[str, tuple[str, ...]] = {
     CONNECTED_COMPONENTS: (),
-    CONTOUR: ("input_contour_path", "thres_seed", "thres_contour", "thres_small_seeds", "grow_distance"),
-    DISTANCE: ("seed_distance", "thres_small_seeds", "grow_distance"),
+    CONTOUR: ("input_contour_path", "thres_seed", "thres_contour", "thres_small_seeds", "grow_distance",
+              "unseeded_components"),
+    DISTANCE: ("seed_distance", "thres_small_seeds", "grow_distance", "unseeded_components"),
 }
 
 
@@ -49,6 +55,7 @@ class InstanceSettings:
     grow_distance: int = 0
     seed_distance: float = 0.0
     resolution: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    unseeded_components: bool = True
 
     @classmethod
     def from_config(cls, config: Any, mode: str, resolution: Sequence[float] | None) -> InstanceSettings:
@@ -62,12 +69,14 @@ class InstanceSettings:
                    thres_contour=float(config.thres_contour),
                    thres_small_seeds=int(config.thres_small_seeds), grow_distance=int(config.grow_distance),
                    seed_distance=float(config.seed_distance),
+                   unseeded_components=bool(config.unseeded_components),
                    resolution=tuple(float(r) for r in (resolution or (1.0, 1.0, 1.0))))  # type: ignore[arg-type]
 
     def description(self) -> dict[str, Any]:
         """The settings that change values in this mode, for a run description."""
         out: dict[str, Any] = {"mode": self.mode, "thres_small_seeds": self.thres_small_seeds,
-                               "grow_distance": self.grow_distance}
+                               "grow_distance": self.grow_distance,
+                               "unseeded_components": self.unseeded_components}
         if self.mode == CONTOUR:
             out |= {"thres_seed": self.thres_seed, "thres_contour": self.thres_contour}
         else:

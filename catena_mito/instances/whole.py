@@ -49,16 +49,25 @@ def seed_mask(fg: np.ndarray, contour: np.ndarray | None, s: InstanceSettings, w
 
 
 def instances_whole_volume(fg: np.ndarray, contour: np.ndarray | None, s: InstanceSettings) -> np.ndarray:
-    """Instance ids (uint32, z y x) of probabilities ``fg`` (and ``contour``) under ``s``."""
+    """Instance ids (uint32, z y x) of probabilities ``fg`` (and ``contour``) under ``s``
+    (the rules in :mod:`catena_mito.instances.settings`)."""
     mask = foreground(fg, s.thres_foreground)
     if s.mode == CONNECTED_COMPONENTS:
         labels, _ = connected_components(mask, s.connectivity)
         return number_by_first_voxel(labels, s.thres_small_instances)
     seeds, _ = connected_components(seed_mask(fg, contour, s), s.connectivity)
     numbered = number_by_first_voxel(seeds, s.thres_small_seeds)
-    grown = grow(numbered, mask, s.connectivity, s.grow_distance)
-    # survivors keep the order of their seed ids
-    counts = np.bincount(grown.ravel(), minlength=int(numbered.max()) + 1)
+    grown = grow(numbered, mask, s.connectivity, s.grow_distance).astype(np.int64, copy=False)
+    num_seeds = int(numbered.max()) if numbered.size else 0
+    if s.unseeded_components:
+        # the connected components of the foreground that hold no grown voxel (no seed
+        # reached them), after the seed ids, by first voxel
+        comp, _ = connected_components(mask, s.connectivity)
+        seeded = np.unique(comp[grown > 0])
+        rest = number_by_first_voxel(np.where(np.isin(comp, seeded), 0, comp), 0)
+        grown = np.where(rest > 0, rest.astype(np.int64) + num_seeds, grown)
+    # survivors keep the order of their ids (seeds, then unseeded components)
+    counts = np.bincount(grown.ravel(), minlength=num_seeds + 1)
     keep = counts >= s.thres_small_instances
     keep[0] = False
     table = np.zeros(len(counts), np.uint32)
