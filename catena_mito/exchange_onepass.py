@@ -99,7 +99,8 @@ class OnePass:
                  mark_windows: Callable[[Block, Mapping[str, Any]], None] | None,
                  hold_blocks: int | None = None):
         self.ex, self.runner, self.pieces = exchange, runner, pieces
-        self.shard, self.todo = set(shard), set(todo)
+        self.shard = set(shard)
+        self.todo = self.shard & set(todo)
         self.prepared, self.fetch, self.overlap = prepared, fetch, overlap
         self.finish, self.write_output, self.mark_windows = finish, write_output, mark_windows
         self.reach = reach(exchange, HOLD_BLOCKS if hold_blocks is None else hold_blocks)
@@ -117,7 +118,7 @@ class OnePass:
         return self.ex.blocks.block_at([g + k for g, k in zip(block.grid_position, kind)])
 
     def _in_pass(self, index: int) -> bool:
-        return index in self.shard and index in self.todo
+        return index in self.todo  # a subset of the shard
 
     def _route(self, block: Block, consumer: Block) -> str:
         if consumer.index not in self.shard:

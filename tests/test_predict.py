@@ -258,26 +258,31 @@ def test_overwrite_clears_only_this_shards_markers(tmp_path, model_and_ckpt, dat
     assert markers.done_indices() == set(range(1, 8))
 
 
+def _killed_at_call(n: int, encode):
+    """``encode`` that raises KeyboardInterrupt (a killed worker) at its ``n``-th call."""
+    calls = []
+
+    def failing(probs, dtype):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt("killed")
+        return encode(probs, dtype)
+
+    return failing
+
+
 def test_killed_worker_leaves_no_false_marker_and_rerun_completes(tmp_path, model_and_ckpt, dataset, monkeypatch):
     model, ckpt = model_and_ckpt
     url, raw = dataset
     config = cfg(ckpt, [url], output_dir=str(tmp_path / "o"))
     import catena_mito.predict as pm
 
-    real_encode, calls = pm.encode, []
-
-    def failing_encode(probs, dtype):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt("killed")
-        return real_encode(probs, dtype)
-
-    monkeypatch.setattr(pm, "encode", failing_encode)
-    with pytest.raises(KeyboardInterrupt):
-        predict(config)
+    with monkeypatch.context() as m:
+        m.setattr(pm, "encode", _killed_at_call(4, pm.encode))
+        with pytest.raises(KeyboardInterrupt):
+            predict(config)
     markers = run_store(output_urls(config)[0]).current_markers("predict")
     assert markers.done_indices() == {0, 1, 2}
-    monkeypatch.setattr(pm, "encode", real_encode)
     res = predict(config)["outputs"][0]
     assert res["blocks_computed"] == 5
     np.testing.assert_array_equal(read_output(output_urls(config)[0]), reference(model, raw))
@@ -571,18 +576,10 @@ def test_interrupted_one_pass_resumes_exactly_and_the_blend_alone_refuses(tmp_pa
     model, ckpt = model_and_ckpt
     url, raw = dataset
     config = cfg(ckpt, [url], output_dir=str(tmp_path / "o"), block_shape=[8, 16, 16])
-    real_encode, calls = pm.encode, []
-
-    def failing_encode(probs, dtype):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt("killed")
-        return real_encode(probs, dtype)
-
-    monkeypatch.setattr(pm, "encode", failing_encode)
-    with pytest.raises(KeyboardInterrupt):
-        predict(config)
-    monkeypatch.setattr(pm, "encode", real_encode)
+    with monkeypatch.context() as m:
+        m.setattr(pm, "encode", _killed_at_call(6, pm.encode))
+        with pytest.raises(KeyboardInterrupt):
+            predict(config)
     store = run_store(output_urls(config)[0])
     windows = store.current_markers("windows")
     assert windows.done_indices() == set(range(5))
