@@ -37,9 +37,10 @@ The integers are the same however a piece travels, so the output is bitwise that
 two phases run apart. The windows marker of a block lists the kinds it did not store
 (``held``): a run killed mid-pass has lost those, and the next ``--phase all`` computes the
 overlaps again from the same windows (``--phase blend`` alone refuses, as for any missing
-piece). Blocks whose windows an earlier ``--phase windows`` run did are computed again
-when their blend has not run (the same integers; the files are rewritten with the same
-bytes).
+piece). A block of the pass whose windows an earlier run stored whole (a ``--phase
+windows`` marker, which lists nothing ``held``) is only blended, as by ``--phase blend``:
+its own core and spills are read back, its windows not run again; for the blocks after it
+it is a block outside the pass.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class OnePass:
 
     ``shard``: the indices of this shard's blocks; ``todo``: those not done when the pass
     starts (a block done meanwhile by another process of the same shard is handled: its
-    pieces are then fetched like those of any block outside the pass). ``prepared(block,
+    pieces are then fetched like those of any block outside the pass); ``stored``: those of
+    ``todo`` whose pieces an earlier run stored whole, only blended here. ``prepared(block,
     within)`` → ``(windows, read roi, preprocessed data)`` of the windows ``block`` owns;
     ``overlap(missing)`` → ``[(kind, piece)]`` computed from ``fetch``'s missing entries;
     ``finish(block, probabilities)`` → the encoded output; ``write_output(block, values)``
@@ -97,10 +99,12 @@ class OnePass:
                  overlap: Callable[[list], list], finish: Callable[[Block, np.ndarray], Any],
                  write_output: Callable[[Block, Any], None],
                  mark_windows: Callable[[Block, Mapping[str, Any]], None] | None,
-                 hold_blocks: int | None = None):
+                 stored: Collection[int] = (), hold_blocks: int | None = None):
         self.ex, self.runner, self.pieces = exchange, runner, pieces
         self.shard = set(shard)
         self.todo = self.shard & set(todo)
+        #: blocks of the pass whose windows run here (the others of ``todo`` are only blended)
+        self.computing = self.todo - set(stored)
         self.prepared, self.fetch, self.overlap = prepared, fetch, overlap
         self.finish, self.write_output, self.mark_windows = finish, write_output, mark_windows
         self.reach = reach(exchange, HOLD_BLOCKS if hold_blocks is None else hold_blocks)
@@ -118,7 +122,8 @@ class OnePass:
         return self.ex.blocks.block_at([g + k for g, k in zip(block.grid_position, kind)])
 
     def _in_pass(self, index: int) -> bool:
-        return index in self.todo  # a subset of the shard
+        """Whether the windows of block ``index`` run in this pass (their pieces come from it)."""
+        return index in self.computing  # a subset of the shard
 
     def _route(self, block: Block, consumer: Block) -> str:
         if consumer.index not in self.shard:
@@ -130,15 +135,23 @@ class OnePass:
     # -- the steps --------------------------------------------------------------------------
 
     def read(self, block: Block) -> tuple:
-        own = self.prepared(block)
+        computing = self._in_pass(block.index)
+        own = self.prepared(block) if computing else None
         outside = [(src, kind) for src, kind in self.ex.sources(block)
-                   if kind != OWN and not self._in_pass(src.index)]
+                   if not self._in_pass(src.index) and (kind != OWN or not computing)]
         got, missing = self.fetch(block, outside) if outside else ([], [])
         return own, got, missing
 
     def compute(self, block: Block, data: tuple) -> tuple:
-        (windows, roi, x), got, missing = data
+        own, got, missing = data
         self._forget(block.index)
+        if own is None:  # windows stored whole by an earlier run: the blend alone
+            landing = [*got, *self.overlap(missing)]
+            for src, kind in self.ex.sources(block):
+                if self._in_pass(src.index):
+                    landing.extend(self._take(block, src, kind))
+            return None, None, self.finish(block, self.ex.blend(block, landing))
+        windows, roi, x = own
         parts = self.ex.partial(self.runner, block, x, roi, windows)  # views of one int64 array
         made = _Made(held={}, stored=set())
         for kind, piece in parts.items():
@@ -161,6 +174,9 @@ class OnePass:
 
     def write(self, block: Block, result: tuple) -> dict[str, Any]:
         stored, made, values = result
+        if made is None:  # only blended: its pieces and windows marker are an earlier run's
+            self.write_output(block, values)
+            return {"write_offset": list(block.write_roi.offset), "write_shape": list(block.write_roi.shape)}
         try:
             self.pieces.put(block.index, stored)
             if self.mark_windows is not None:

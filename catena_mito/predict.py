@@ -650,12 +650,28 @@ def _exchange_steps(parts: _ExchangeParts, config: PredictConfig,
     return windows, blend
 
 
+def _stored_whole(windows_markers: Any, indices: set[int]) -> set[int]:
+    """Those of ``indices`` whose windows marker says every piece was stored (a ``--phase
+    windows`` run; a one pass's marker lists the pieces it ``held`` in memory, its own core
+    always among them): one listing, and a read of each such marker only."""
+    out = set()
+    for index in sorted(indices & windows_markers.done_indices()):
+        try:
+            info = windows_markers.read(index)
+        except StorageError:
+            continue  # removed meanwhile: computed again
+        if not info.get("held"):
+            out.add(index)
+    return out
+
+
 def _one_pass(parts: _ExchangeParts, config: PredictConfig, write: Callable[[Block, np.ndarray], None],
               shard: Sequence[Block], todo: Sequence[Block],
-              mark_windows: Callable[[Block, Mapping[str, Any]], None] | None) -> OnePass:
+              mark_windows: Callable[[Block, Mapping[str, Any]], None] | None,
+              stored: set[int] | None = None) -> OnePass:
     """``--phase all``: both phases of this shard in one pass (:mod:`catena_mito.exchange_onepass`)."""
     return OnePass(parts.ex, parts.runner, parts.pieces, shard=[b.index for b in shard],
-                   todo=[b.index for b in todo], prepared=parts.prepared, fetch=parts.fetch,
+                   todo=[b.index for b in todo], stored=stored or (), prepared=parts.prepared, fetch=parts.fetch,
                    overlap=parts.overlap, finish=lambda b, p: encode(p, config.output_dtype),
                    write_output=write, mark_windows=mark_windows)
 
@@ -734,11 +750,12 @@ def _run_one_pass(store: RunStore, spec: RunSpec, parts: _ExchangeParts, config:
     else:
         done = store.markers(spec.run_id, MARKER_TASK).done_indices()
     todo = [b for b in mine if b.index not in done]
+    stored = _stored_whole(windows_markers, {b.index for b in todo}) if not overwrite else set()
 
     def mark_windows(block: Block, info: Mapping[str, Any]) -> None:
         windows_markers.mark_done(block.index, {"shard": shard_index, "num_shards": num_shards, **info})
 
-    onepass = _one_pass(parts, config, write, mine, todo, mark_windows)
+    onepass = _one_pass(parts, config, write, mine, todo, mark_windows, stored)
     record = {"blocks": len(mine), "assignment": "contiguous"}
     store.write_shard_record(spec.run_id, WINDOWS_PHASE, shard_index, num_shards, "running", todo=len(todo),
                              **record)

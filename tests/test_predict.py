@@ -584,12 +584,32 @@ def test_interrupted_one_pass_resumes_exactly_and_the_blend_alone_refuses(tmp_pa
     windows = store.current_markers("windows")
     assert windows.done_indices() == set(range(5))
     assert "001" in windows.read(0)["held"]  # kept in memory for block 1: lost with the process
-    predict(config, phase="windows")  # the rest of the windows, every piece stored
+    rest = predict(config, phase="windows")["outputs"][0]  # the rest of the windows, every piece stored
     with pytest.raises(PhaseError, match="interrupted --phase all"):
         predict(config, phase="blend")
     res = predict(config)["outputs"][0]  # --phase all computes the lost overlaps again
     assert res["blocks_computed"] == 27 - 5
     np.testing.assert_array_equal(read_output(output_urls(config)[0]), reference(model, raw))
+    # ... from the windows of blocks 0-4 alone (for their held spills): blocks 5-26 were
+    # stored whole by --phase windows and are only blended, not run again
+    whole = predict(cfg(ckpt, [url], output_dir=str(tmp_path / "fresh"), block_shape=[8, 16, 16]))
+    assert 0 < res["windows_run"] < whole["outputs"][0]["windows_run"] - rest["windows_run"]
+
+
+def test_phase_all_after_phase_windows_only_blends(tmp_path, model_and_ckpt, dataset):
+    """Windows stored whole by a --phase windows run are not run again by --phase all."""
+    model, ckpt = model_and_ckpt
+    url, raw = dataset
+    config = cfg(ckpt, [url], output_dir=str(tmp_path / "o"), block_shape=[8, 16, 16])
+    for shard in range(2):
+        predict(config, shard_index=shard, num_shards=2, phase="windows")
+    first = predict(config, shard_index=0, num_shards=2)["outputs"][0]
+    assert first["windows_run"] == 0 and first["blocks_computed"] == first["blocks_in_shard"]
+    second = predict(config, shard_index=1, num_shards=2)["outputs"][0]
+    assert second["windows_run"] == 0
+    np.testing.assert_array_equal(read_output(output_urls(config)[0]), reference(model, raw))
+    store = run_store(output_urls(config)[0])
+    assert store.read_complete(store.read_claim()["run_id"]) is not None
 
 
 def test_bf16_and_channels_last_on_cpu_sharded_equal_single(tmp_path, model_and_ckpt, dataset):
