@@ -228,27 +228,34 @@ def test_inputs_known_by_content_do_not_depend_on_their_url_spelling(tmp_path):
 
 def test_free_heap_pages_go_back_to_the_system_between_blocks():
     """blockwise.heap: after a block's large arrays are freed, their pages leave the RSS
-    (glibc keeps them otherwise, once its mmap threshold has risen past their size)."""
+    (glibc keeps them otherwise, once its mmap threshold has risen past their size).
+
+    In a fresh interpreter: what earlier tests left in this process's heap decides where
+    new arrays land, and with them whether glibc trims on its own."""
     import platform
-
-    import numpy as np
-
-    from catena_mito.blockwise import heap
+    import subprocess
+    import sys
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")
-    assert heap._malloc_trim() is not None
+    script = """
+import numpy as np
+from catena_mito.blockwise import heap
+assert heap._malloc_trim() is not None
 
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
 
-    big = np.ones(16 * 2**20 // 8)  # freed: raises the mmap threshold to 16 MiB...
-    del big
-    arrays = [np.ones(2**20) for _ in range(48)]  # ...so these 8 MiB arrays come from the heap
-    top = np.ones(2**15)  # above them: their free pages are not at the heap's top, which glibc trims
-    del arrays
-    before = rss()
-    heap.release_free_heap()
-    assert rss() < before - 128 * 2**20  # most of their 384 MiB handed back
-    del top
+big = np.ones(16 * 2**20 // 8)  # freed: raises the mmap threshold to 16 MiB...
+del big
+arrays = [np.ones(2**20) for _ in range(48)]  # ...so these 8 MiB arrays come from the heap
+top = np.ones(2**15)  # above them: their free pages are not at the heap's top, which glibc trims
+del arrays
+before = rss()
+heap.release_free_heap()
+print(before, rss())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    before, after = map(int, out.stdout.split())
+    assert after < before - 128 * 2**20  # most of their 384 MiB handed back
