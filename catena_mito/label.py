@@ -388,7 +388,8 @@ class _LabelTask:
         self.scaled = tuple(self.out_shape) != tuple(self.input.shape)
         self.out_grid = BlockGrid(self.out_shape, config.chunk_size)
         self.spec = self._spec()
-        self.store = RunStore(self.work_url, self.options, shown=f"output {storage.redact_url(self.output_url)!r}")
+        self.store = RunStore(self.work_url, self.options, shown=f"output {storage.redact_url(self.output_url)!r}",
+                              outputs=() if self.tiff else (self.output_url,))
         self.summary = LabelSummary("", storage.redact_url(self.output_url), run_id=self.spec.run_id)
         if self.tiff:  # refuse before any work (the final dtype is at least uint32)
             _check_tiff_fits(self.out_shape, np.uint32, self.output_url)

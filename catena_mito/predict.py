@@ -484,9 +484,12 @@ def record_url(output_url: str) -> str:
     return storage.join_url(output_url, RECORD_DIR)
 
 
-def run_store(output_url: str, storage_options: Mapping[str, Any] | None = None) -> RunStore:
-    """The run records of the prediction output at ``output_url``."""
-    return RunStore(record_url(output_url), storage_options, shown=f"output {storage.redact_url(output_url)!r}")
+def run_store(output_url: str, storage_options: Mapping[str, Any] | None = None,
+              outputs: Sequence[str] = ()) -> RunStore:
+    """The run records of the prediction output at ``output_url``; ``outputs``: the arrays
+    the run writes (every target's), swept of killed writers' temporaries at completion."""
+    return RunStore(record_url(output_url), storage_options, shown=f"output {storage.redact_url(output_url)!r}",
+                    outputs=outputs)
 
 
 def _output_attrs(config: PredictConfig, job: _Job, spec: RunSpec, target: str = FOREGROUND) -> dict[str, Any]:
@@ -704,7 +707,7 @@ def _predict_zarr(config: PredictConfig, settings: ModelSettings, runner: Any, j
                   shard_index: int, num_shards: int, overwrite: bool, phase: str = "all",
                   wait_timeout: float = DEFAULT_WAIT_SECONDS) -> dict[str, Any]:
     opts = config.storage_options
-    store = run_store(job.output_url, opts)
+    store = run_store(job.output_url, opts, outputs=list(job.target_urls.values()))
     arrays = _open_outputs(config, job, spec, store, phase, overwrite)
     save_resolved_config(_resolved(config, settings, job), store.url("config.yaml"), opts)
 

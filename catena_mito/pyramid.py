@@ -178,7 +178,8 @@ class _Pyramid:
             self.cumulative.append(tuple(a * b for a, b in zip(self.cumulative[-1], f)))
         self.shapes = [tuple(self.level0.shape)] + [level_shape(self.level0.shape, c) for c in self.cumulative[1:]]
         self.grids = [BlockGrid(s, self.block_shape) for s in self.shapes[1:]]
-        self.store = RunStore(storage.join_url(url, RECORD_DIR), self.options, shown=f"pyramid of {self.shown}")
+        self.store = RunStore(storage.join_url(url, RECORD_DIR), self.options, shown=f"pyramid of {self.shown}",
+                              outputs=(url,))
         self.spec = RunSpec(TASK, {
             "algorithm_version": ALGORITHM_VERSION, "method": self.method,
             "factors": [list(f) for f in self.steps], "block_shape": list(self.block_shape),

@@ -15,12 +15,16 @@ attributes and carried from inputs to outputs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
+import logging
 import os
 import posixpath
 import random
 import re
+import socket
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -38,6 +42,8 @@ except ImportError:  # pragma: no cover
 
 from catena_mito import ome
 from catena_mito.errors import DataError, StorageError
+
+log = logging.getLogger(__name__)
 
 # --- the dataset layout -------------------------------------------------------------------
 
@@ -140,7 +146,7 @@ def _store(url: str, storage_options: Mapping[str, Any] | None, read_only: bool)
         path = local_path(url)
         if read_only and not os.path.exists(path):
             raise StorageError(f"{url!r} does not exist")
-        return zarr.storage.LocalStore(path, read_only=read_only)
+        return _LocalStore(path, read_only=read_only)
     get_fs(url, storage_options)  # a clear error for an unknown scheme
     try:
         return zarr.storage.FsspecStore.from_url(
@@ -150,6 +156,26 @@ def _store(url: str, storage_options: Mapping[str, Any] | None, read_only: bool)
         )
     except Exception as e:  # fsspec/botocore raise many types here
         raise StorageError(f"cannot open store {redact_url(url)!r}: {_describe(e)}") from e
+
+
+class _LocalStore(zarr.storage.LocalStore):
+    """zarr's local store, writing each chunk and metadata file as :func:`write_bytes` does.
+
+    Its temporary files name their host and process (zarr's own ``.<uuid>.partial`` names
+    neither), so the temporaries of a writer killed mid-chunk can be told from those of a
+    live one and swept when the run completes (:func:`remove_dead_temporaries`); its
+    writes also survive a concurrent removal of their folder. Exclusive creates stay
+    zarr's."""
+
+    async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
+        if exclusive:
+            return await super()._set(key, value, exclusive=True)
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
+        if not isinstance(value, zarr.core.buffer.Buffer):
+            raise TypeError(f"_LocalStore.set(): `value` must be a Buffer, got {type(value)}")
+        await asyncio.to_thread(_write_local, os.path.join(str(self.root), key), value.as_buffer_like(), False)
 
 
 def _describe(e: BaseException) -> str:
@@ -618,16 +644,7 @@ def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None
     fs, path = get_fs(url, storage_options)
     try:
         if is_local(url):
-            directory = os.path.dirname(os.path.abspath(path))
-            os.makedirs(directory, exist_ok=True)
-            # unique per writer: threads of one process may write the same file at once
-            tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                if sync:
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
+            _write_local(os.path.abspath(path), data, sync)
         else:
             parent = posixpath.dirname(path)
             if parent and url_scheme(url) == "memory":
@@ -635,6 +652,103 @@ def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None
             fs.pipe_file(path, data)
     except OSError as e:
         raise StorageError(f"cannot write {redact_url(url)!r}: {_describe(e)}") from e
+
+
+#: Attempts of a local write whose folder another process removes meanwhile.
+LOCAL_WRITE_ATTEMPTS = 5
+#: This host in temporary file names (``-`` is the names' separator).
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+#: ``.<name>.tmp-<host>-<pid>-<tag>``: a temporary of :func:`_write_local`; the older
+#: ``.<name>.tmp-<pid>-<tag>`` (no host) too.
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(?:(?P<host>[A-Za-z0-9_.]+)-)?(?P<pid>\d+)-[0-9a-f]{8}$")
+#: zarr's own temporaries, ``<name>.<uuid4 hex>.partial``.
+_ZARR_TEMP_NAME = re.compile(r"\.[0-9a-f]{32}\.partial$")
+#: Age after which a temporary whose writer cannot be checked (another host) is stale:
+#: no write of one file takes this long.
+TEMP_STALE_SECONDS = 600.0
+
+
+def _temp_path(path: str) -> str:
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _write_local(path: str, data: bytes, sync: bool) -> None:
+    """Write a temporary file beside ``path`` and rename it over ``path``.
+
+    Another process may remove the folder meanwhile (a shard of the same run cleaning up
+    the prefix it completed): its folder, or the temporary file listed by that removal,
+    is then gone, and the write starts again in a new folder, as a PUT into a deleted
+    prefix of an object store simply lands. A folder still missing after
+    :data:`LOCAL_WRITE_ATTEMPTS` writes is an error."""
+    directory = os.path.dirname(path)
+    for attempt in range(LOCAL_WRITE_ATTEMPTS):
+        tmp = _temp_path(path)  # unique per writer: threads of one process may write the same file at once
+        try:
+            os.makedirs(directory, exist_ok=True)  # its parent too may vanish meanwhile
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                if sync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+            return
+        except (FileNotFoundError, FileExistsError):  # FileExistsError: makedirs lost a race
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if attempt == LOCAL_WRITE_ATTEMPTS - 1:
+                raise
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or a pid this host cannot have: not ours to judge
+    return True
+
+
+def _dead_temporary(folder: str, name: str, now: float, stale_seconds: float) -> bool:
+    own = _TEMP_NAME.match(name)
+    if own is None and _ZARR_TEMP_NAME.search(name) is None:
+        return False
+    if own is not None and own["host"] == _HOST:
+        pid = int(own["pid"])
+        return pid != os.getpid() and not _pid_alive(pid)
+    try:  # another host's, an older name's or zarr's: only its age tells
+        return now - os.stat(os.path.join(folder, name)).st_mtime >= stale_seconds
+    except FileNotFoundError:
+        return False
+
+
+def remove_dead_temporaries(url: str, stale_seconds: float = TEMP_STALE_SECONDS) -> int:
+    """Remove what writers killed mid-file left under the local folder ``url``; the count.
+
+    A temporary of :func:`write_bytes` or of a Zarr array opened here names its host and
+    process: on this host it is removed when that process is gone (SIGKILL, OOM); one of
+    another host (a shared file system), or without a host, once it is ``stale_seconds``
+    old. Object stores publish whole objects and have none; nothing is done there.
+    A live writer's temporaries are never touched."""
+    if not is_local(url):
+        return 0
+    root = local_path(url)
+    now = time.time()
+    removed = 0
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            if _dead_temporary(folder, name, now, stale_seconds):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(folder, name))
+                    removed += 1
+    if removed:
+        log.info("removed %d temporary file(s) of killed writers under %s", removed, redact_url(url))
+    return removed
 
 
 def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:

@@ -100,11 +100,14 @@ def test_label_rerun_at_once_after_kill_is_not_refused_by_the_dead_lease(inputs,
 # --- concurrency --------------------------------------------------------------------------------
 
 
-def _together(jobs, timeout=300) -> None:
-    procs = [faults.start(job) for job in jobs]
+def _together(jobs, logs: Path, timeout=300) -> None:
+    """Start ``jobs`` at once and wait for all; a failure shows what its process printed."""
+    paths = [logs / f"{job.kind}-{k}.log" for k, job in enumerate(jobs)]
+    procs = [faults.start(job, log_path=path) for job, path in zip(jobs, paths)]
     try:
-        for p in procs:
-            assert p.wait(timeout=timeout) == 0
+        for p, path in zip(procs, paths):
+            rc = p.wait(timeout=timeout)
+            assert rc == 0, f"{' '.join(p.args[2:])} exited {rc}:\n{path.read_text()[-4000:]}"
     finally:
         for p in procs:
             if p.poll() is None:
@@ -113,7 +116,7 @@ def _together(jobs, timeout=300) -> None:
 
 def test_two_processes_with_the_same_predict_shard_are_harmless(predict_setup, inputs, tmp_path):
     job = faults.make_job("predict", inputs, tmp_path / "out")
-    _together([job, job])  # shard 0 of 1, twice at once
+    _together([job, job], tmp_path)  # shard 0 of 1, twice at once
     assert faults.output_files(job.output_url) == predict_setup.reference_files
 
 
@@ -125,13 +128,36 @@ def test_two_processes_with_the_same_label_shard_are_harmless(label_setup, input
 
     for index in (0, 1):
         shard = phase("blocks", "--shard-index", str(index), "--num-shards", "2")
-        _together([shard, shard])
+        _together([shard, shard], tmp_path)
     faults.run_to_end(phase("merge"))
     for index in (0, 1):
         shard = phase("relabel", "--shard-index", str(index), "--num-shards", "2")
-        _together([shard, shard])
+        _together([shard, shard], tmp_path)
     faults.run_to_end(phase("clean"))
     assert faults.output_files(job.output_url) == label_setup.reference_files
+
+
+def test_the_shard_that_completes_a_run_sweeps_what_killed_writers_left(predict_setup, inputs, tmp_path):
+    """A worker SIGKILLed mid-chunk leaves a temporary file beside the chunk (local file
+    systems): the shard that completes the run removes it (its writer is dead) and keeps
+    a live writer's; the output is then file for file the clean run's."""
+    import os
+
+    job = faults.make_job("predict", inputs, tmp_path / "out")
+    faults.run_to_end(faults.Job(job.kind, job.config_path, job.output_url, ["--shard-index", "0", "--num-shards", "2"]))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    chunk_folder = Path(job.output_url) / "0" / "c" / "0" / "0"  # written by shard 0
+    assert chunk_folder.is_dir()
+    dead = chunk_folder / f".1.tmp-{storage._HOST}-{gone.pid}-0123abcd"
+    live = chunk_folder / f".2.tmp-{storage._HOST}-{os.getpid()}-0123abcd"
+    dead.write_bytes(b"half a chunk")
+    live.write_bytes(b"being written")
+    faults.run_to_end(faults.Job(job.kind, job.config_path, job.output_url, ["--shard-index", "1", "--num-shards", "2"]))
+    assert (faults.run_dir(job) / "complete.json").exists()
+    assert not dead.exists() and live.exists()
+    live.unlink()
+    assert faults.output_files(job.output_url) == predict_setup.reference_files
 
 
 # --- the storage server dies ---------------------------------------------------------------------

@@ -37,7 +37,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -130,6 +130,11 @@ def resolve_url(base: str, relative: str) -> str:
     return f"{scheme}{joined.lstrip('/')}" if scheme else joined
 
 
+def _within(url: str, folder: str) -> bool:
+    (a_scheme, a), (b_scheme, b) = _split(url), _split(folder)
+    return a_scheme == b_scheme and (a == b or a.startswith(b.rstrip("/") + "/"))
+
+
 def _split(url: str) -> tuple[str, str]:
     if "://" in url:
         scheme, rest = url.split("://", 1)
@@ -140,10 +145,13 @@ def _split(url: str) -> tuple[str, str]:
 class RunStore:
     """The record folder of one output (see the module docstring)."""
 
-    def __init__(self, root_url: str, storage_options: Mapping[str, Any] | None = None, shown: str | None = None):
+    def __init__(self, root_url: str, storage_options: Mapping[str, Any] | None = None, shown: str | None = None,
+                 outputs: Sequence[str] = ()):
         self.root_url = root_url
         self.options = dict(storage_options or {})
         self.shown = shown or storage.redact_url(root_url)
+        #: the folders the run writes, swept of killed writers' temporary files when it completes
+        self.outputs = tuple(outputs)
 
     # -- paths ----------------------------------------------------------------------------
 
@@ -269,6 +277,18 @@ class RunStore:
                   "phases": [list(p) for p in spec.phases], **dict(info or {})}
         storage.write_json(self.run_url(spec.run_id, "complete.json"), record, self.options)
         log.info("%s: run %s is complete", self.shown, spec.run_id)
+        self.remove_dead_temporaries()
+
+    def remove_dead_temporaries(self) -> None:
+        """Sweep the outputs and this record of the temporary files of writers killed
+        mid-file (local file systems; see :func:`catena_mito.storage.remove_dead_temporaries`):
+        their blocks were rewritten by a rerun, which is what let the run complete."""
+        inside = any(_within(self.root_url, out) for out in self.outputs)
+        for url in (*self.outputs, *(() if inside else (self.root_url,))):
+            try:
+                storage.remove_dead_temporaries(url)
+            except OSError as e:  # the output is whole; leftovers only take space
+                log.warning("could not sweep temporary files under %s: %s", storage.redact_url(url), e)
 
 
 @dataclass
