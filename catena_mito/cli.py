@@ -387,7 +387,7 @@ def _unraisable(unraisable: Any) -> None:
 @cli.command()
 @_log_options
 @click.option("--out", default="demo-out", show_default=True, metavar="URL", help="Where every output goes (any fsspec URL).")
-@click.option("--epochs", type=int, default=60, show_default=True, help="Training epochs (40 steps each; the rate drops tenfold after epoch 50).")
+@click.option("--epochs", type=int, default=60, show_default=True, help="Training epochs (80 steps each; the rate drops tenfold after epoch 50).")
 @click.option("--model-type", type=click.Choice(["monai_unet", "rs_unet"]), default="monai_unet", show_default=True, help="Backbone (rs_unet is about 3x slower per step on a CPU).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data and the training.")
 def demo(out: str, epochs: int, model_type: str, seed: int) -> None:

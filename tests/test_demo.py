@@ -48,3 +48,14 @@ def test_demo_end_to_end(tmp_path):
     for name in ("train", "predict", "label"):
         assert (out / "configs" / f"{name}.yaml").exists()
     assert "done in" in result.output and str(out / "evaluation.json") in result.output
+
+
+def test_demo_help_states_the_demos_own_budget():
+    """The CLI's help repeats the demo's defaults (the CLI imports nothing heavy to read
+    them): they must be the ones the demo runs."""
+    from catena_mito.demo import DemoSettings
+
+    text = " ".join(CliRunner().invoke(cli, ["demo", "--help"]).output.split())
+    assert f"({DemoSettings.steps_per_epoch} steps each;" in text
+    assert f"[default: {DemoSettings.epochs}]" in text
+    assert f"[default: {DemoSettings.model_type}]" in text
