@@ -704,7 +704,8 @@ def _write_local(path: str, data: bytes, sync: bool) -> None:
             raise
 
 
-def _pid_alive(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a dead writer's files may be taken over)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -720,7 +721,7 @@ def _dead_temporary(folder: str, name: str, now: float, stale_seconds: float) ->
         return False
     if own is not None and own["host"] == _HOST:
         pid = int(own["pid"])
-        return pid != os.getpid() and not _pid_alive(pid)
+        return pid != os.getpid() and not process_running(pid)
     try:  # another host's, an older name's or zarr's: only its age tells
         return now - os.stat(os.path.join(folder, name)).st_mtime >= stale_seconds
     except FileNotFoundError:

@@ -380,11 +380,10 @@ class Lease:
             if pid == os.getpid():
                 return False  # our pid, another token: a previous process with this pid (a restarted container)
             try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                return False  # died without releasing it (SIGKILL, OOM)
-            except (PermissionError, TypeError, ValueError):
-                pass
+                if not storage.process_running(int(pid)):
+                    return False  # died without releasing it (SIGKILL, OOM)
+            except (TypeError, ValueError):
+                pass  # no readable pid: only the heartbeat tells
         return True
 
     def _wait_until_free(self, current: dict | None) -> dict | None:
